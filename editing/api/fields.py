@@ -1,0 +1,65 @@
+"""Serializer fields whose error messages name the field, the rejected value and the accepted range."""
+
+from __future__ import annotations
+
+import math
+
+from django.utils.translation import gettext as _
+from rest_framework import serializers
+
+MAX_ECHO_CHARS = 40
+
+
+def echo(value: object) -> str:
+    """Render a rejected value for an error message, shortened so huge inputs stay readable."""
+    text = str(value)
+    return text if len(text) <= MAX_ECHO_CHARS else text[:MAX_ECHO_CHARS] + "…"
+
+
+class BoundedIntegerField(serializers.IntegerField):
+    def __init__(self, *, minimum: int, maximum: int, example: int, **kwargs) -> None:
+        self.minimum = minimum
+        self.maximum = maximum
+        self.example = example
+        super().__init__(min_value=minimum, max_value=maximum, **kwargs)
+
+    def to_internal_value(self, data: object) -> int:
+        text = str(data).strip()
+        try:
+            value = int(text)
+        except ValueError:
+            raise serializers.ValidationError(
+                _("%(field)s must be a whole number such as %(example)d; got '%(value)s'.")
+                % {"field": self.field_name, "example": self.example, "value": echo(data)}
+            ) from None
+        if not self.minimum <= value <= self.maximum:
+            raise serializers.ValidationError(
+                _("%(field)s must be between %(min)d and %(max)d; got %(value)s.")
+                % {"field": self.field_name, "min": self.minimum, "max": self.maximum, "value": echo(value)}
+            )
+        return value
+
+
+class BoundedFloatField(serializers.FloatField):
+    def __init__(self, *, minimum: float, maximum: float, example: float, **kwargs) -> None:
+        self.minimum = minimum
+        self.maximum = maximum
+        self.example = example
+        super().__init__(min_value=minimum, max_value=maximum, **kwargs)
+
+    def to_internal_value(self, data: object) -> float:
+        try:
+            value = float(str(data).strip())
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise serializers.ValidationError(
+                _("%(field)s must be a number such as %(example)s; got '%(value)s'.")
+                % {"field": self.field_name, "example": self.example, "value": echo(data)}
+            )
+        if not self.minimum <= value <= self.maximum:
+            raise serializers.ValidationError(
+                _("%(field)s must be between %(min)s and %(max)s; got %(value)s.")
+                % {"field": self.field_name, "min": self.minimum, "max": self.maximum, "value": echo(value)}
+            )
+        return value

@@ -1,0 +1,162 @@
+"""API serializers: every upload and parameter is validated here, at the edge."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from django.conf import settings
+from django.core.files.uploadedfile import UploadedFile
+from django.urls import reverse
+from django.utils.translation import gettext as _
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from editing import imaging, services
+from editing.api.fields import BoundedFloatField, BoundedIntegerField, echo
+from editing.models import EditJob, Template
+
+MAX_SEED = 2**32 - 1
+MAX_GUIDANCE = 100.0
+
+
+def read_upload(upload: UploadedFile, *, field: str) -> bytes:
+    """Read an uploaded file, rejecting it by its declared size before reading it whole."""
+    limit = settings.EDITOR_MAX_UPLOAD_BYTES
+    if upload.size is not None and upload.size > limit:
+        raise serializers.ValidationError(
+            {
+                field: _("The file is %(size)d bytes, over the limit of %(limit)d bytes; upload a smaller file.")
+                % {"size": upload.size, "limit": limit}
+            }
+        )
+    return upload.read()
+
+
+def decode_template(upload: UploadedFile) -> np.ndarray:
+    data = read_upload(upload, field="image")
+    try:
+        return imaging.read_template(
+            data, max_pixels=settings.EDITOR_MAX_PIXELS, max_bytes=settings.EDITOR_MAX_UPLOAD_BYTES
+        )
+    except imaging.ImageRuleError as error:
+        raise serializers.ValidationError({"image": str(error)}) from None
+
+
+class TemplateSerializer(serializers.ModelSerializer):
+    image_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Template
+        fields = ["id", "name", "width", "height", "content_hash", "use_count", "image_url", "created_at"]
+        read_only_fields = fields
+
+    @extend_schema_field(serializers.CharField())
+    def get_image_url(self, template: Template) -> str:
+        return reverse("template-image", args=[template.pk])
+
+
+class TemplateCreateSerializer(serializers.Serializer):
+    image = serializers.FileField(help_text="Photo or banner: PNG, JPEG, WebP, TIFF, BMP or GIF.")
+    name = serializers.CharField(max_length=200, required=False, allow_blank=True)
+
+    def validate(self, attrs: dict) -> dict:
+        attrs["pixels"] = decode_template(attrs["image"])
+        name = (attrs.get("name") or "").strip()
+        if not name:
+            # The client's file name is display text only; the stored file name is generated.
+            name = os.path.splitext(os.path.basename(attrs["image"].name or ""))[0][:200] or "template"
+        attrs["name"] = name
+        return attrs
+
+
+class JobSerializer(serializers.ModelSerializer):
+    template = serializers.PrimaryKeyRelatedField(read_only=True)
+    queue = serializers.CharField(source="queue_name", read_only=True)
+    queue_position = serializers.SerializerMethodField()
+    result_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = EditJob
+        fields = [
+            "id", "template", "prompt", "seed", "steps", "guidance", "status", "progress",
+            "queue_position", "mask_ratio", "bucket", "queue", "timings", "result_url", "error",
+            "cancel_requested", "attempts", "created_at", "started_at", "finished_at",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(serializers.IntegerField(allow_null=True))
+    def get_queue_position(self, job: EditJob) -> int | None:
+        return services.queue_position(job)
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_result_url(self, job: EditJob) -> str | None:
+        if not job.result:
+            return None
+        return reverse("job-result", args=[job.pk])
+
+
+class JobCreateSerializer(serializers.Serializer):
+    template = serializers.CharField(help_text="Id of one of your templates.")
+    mask = serializers.FileField(
+        help_text="Mask image of the template's size: white (or opaque) pixels are edited."
+    )
+    prompt = serializers.CharField(max_length=None, allow_blank=True, trim_whitespace=True)
+    seed = BoundedIntegerField(minimum=0, maximum=MAX_SEED, example=42, required=False)
+    steps = BoundedIntegerField(minimum=1, maximum=100, example=20, required=False)
+    guidance = BoundedFloatField(minimum=0.0, maximum=MAX_GUIDANCE, example=30.0, required=False)
+
+    def validate_template(self, value: str) -> Template:
+        owner = self.context["request"].user
+        try:
+            template_id = int(str(value).strip())
+        except ValueError:
+            raise serializers.ValidationError(
+                _("template must be the numeric id of one of your templates; got '%(value)s'.")
+                % {"value": echo(value)}
+            ) from None
+        template = Template.objects.filter(pk=template_id, owner=owner).first()
+        if template is None:
+            raise serializers.ValidationError(
+                _("Template %(value)s was not found among your templates; upload it first or pick another id.")
+                % {"value": template_id}
+            )
+        return template
+
+    def validate_prompt(self, value: str) -> str:
+        limit = settings.EDITOR_MAX_PROMPT_CHARS
+        if not value:
+            raise serializers.ValidationError(
+                _("prompt is empty; describe what the masked region should show.")
+            )
+        if len(value) > limit:
+            raise serializers.ValidationError(
+                _("prompt has %(count)d characters, over the limit of %(limit)d; shorten it.")
+                % {"count": len(value), "limit": limit}
+            )
+        return value
+
+    def validate_steps(self, value: int) -> int:
+        limit = settings.EDITOR_MAX_STEPS
+        if value > limit:
+            raise serializers.ValidationError(
+                _("steps must be between 1 and %(max)d; got %(value)d.") % {"max": limit, "value": value}
+            )
+        return value
+
+    def validate(self, attrs: dict) -> dict:
+        template: Template = attrs["template"]
+        data = read_upload(attrs["mask"], field="mask")
+        try:
+            attrs["mask_pixels"] = imaging.read_mask(
+                data,
+                size=(template.width, template.height),
+                max_pixels=settings.EDITOR_MAX_PIXELS,
+                max_bytes=settings.EDITOR_MAX_UPLOAD_BYTES,
+            )
+        except imaging.ImageRuleError as error:
+            raise serializers.ValidationError({"mask": str(error)}) from None
+        attrs.setdefault("seed", settings.EDITOR_DEFAULT_SEED)
+        attrs.setdefault("steps", settings.EDITOR_DEFAULT_STEPS)
+        attrs.setdefault("guidance", 30.0)
+        return attrs

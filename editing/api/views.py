@@ -1,0 +1,123 @@
+"""REST API for templates and edit jobs. Every object is scoped to the requesting user."""
+
+from __future__ import annotations
+
+import logging
+
+from django.db import transaction
+from django.http import FileResponse, Http404
+from django.utils.translation import gettext as _
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from editing import services
+from editing.api.serializers import (
+    JobCreateSerializer,
+    JobSerializer,
+    TemplateCreateSerializer,
+    TemplateSerializer,
+)
+from editing.models import ACTIVE_STATUSES, EditJob, Template
+
+logger = logging.getLogger(__name__)
+
+
+def file_response(field_file, *, filename: str) -> FileResponse:
+    if not field_file:
+        raise Http404
+    try:
+        handle = field_file.open("rb")
+    except FileNotFoundError:
+        logger.error("stored file %s is missing", field_file.name)
+        raise Http404 from None
+    return FileResponse(handle, content_type="image/png", filename=filename)
+
+
+class TemplateViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
+    serializer_class = TemplateSerializer
+    parser_classes = [MultiPartParser, FormParser]
+
+    def get_queryset(self):
+        return Template.objects.filter(owner=self.request.user)
+
+    @extend_schema(request=TemplateCreateSerializer, responses={201: TemplateSerializer})
+    def create(self, request: Request) -> Response:
+        serializer = TemplateCreateSerializer(data=request.data, context={"request": request})
+        serializer.is_valid(raise_exception=True)
+        template = services.create_template(
+            owner=request.user, name=serializer.validated_data["name"], image=serializer.validated_data["pixels"]
+        )
+        return Response(TemplateSerializer(template).data, status=status.HTTP_201_CREATED)
+
+    def destroy(self, request: Request, pk: str | None = None) -> Response:
+        template = self.get_object()
+        with transaction.atomic():
+            if template.jobs.filter(status__in=ACTIVE_STATUSES).exists():
+                return Response(
+                    {"detail": _("Template %(id)s still has queued or running jobs; cancel them or wait, then delete it.")
+                     % {"id": template.pk}},
+                    status=status.HTTP_409_CONFLICT,
+                )
+            template.delete()
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(responses={(200, "image/png"): OpenApiResponse(description="The upright template PNG")})
+    @action(detail=True, methods=["get"], url_path="image", url_name="image")
+    def image(self, request: Request, pk: str | None = None) -> FileResponse:
+        template = self.get_object()
+        return file_response(template.image, filename=f"template-{template.pk}.png")
+
+
+class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    serializer_class = JobSerializer
+    parser_classes = [MultiPartParser, FormParser, JSONParser]
+
+    def get_queryset(self):
+        return EditJob.objects.filter(owner=self.request.user).select_related("template")
+
+    @extend_schema(request=JobCreateSerializer, responses={201: JobSerializer})
+    def create(self, request: Request) -> Response:
+        serializer = JobCreateSerializer(data=request.data, context={"request": request})
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        job = services.submit_job(
+            owner=request.user,
+            template=data["template"],
+            mask=data["mask_pixels"],
+            prompt=data["prompt"],
+            seed=data["seed"],
+            steps=data["steps"],
+            guidance=data["guidance"],
+        )
+        return Response(JobSerializer(job).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses={200: JobSerializer, 409: OpenApiResponse(description="Already finished")})
+    @action(detail=True, methods=["post"], url_path="cancel", url_name="cancel")
+    def cancel(self, request: Request, pk: str | None = None) -> Response:
+        job = self.get_object()
+        if not services.cancel_job(job):
+            job.refresh_from_db()
+            return Response(
+                {"detail": _("Job %(id)s has already finished with status %(status)s; there is nothing to cancel.")
+                 % {"id": job.pk, "status": job.status}},
+                status=status.HTTP_409_CONFLICT,
+            )
+        job.refresh_from_db()
+        return Response(JobSerializer(job).data)
+
+    @extend_schema(responses={(200, "image/png"): OpenApiResponse(description="The edited image")})
+    @action(detail=True, methods=["get"], url_path="result", url_name="result")
+    def result(self, request: Request, pk: str | None = None) -> FileResponse:
+        job = self.get_object()
+        if not job.result:
+            raise Http404(_("Job %(id)s has no result yet; its status is %(status)s.") % {"id": job.pk, "status": job.status})
+        return file_response(job.result, filename=f"edit-{job.pk}.png")

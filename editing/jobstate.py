@@ -1,0 +1,97 @@
+"""State transitions of edit jobs, each one atomic conditional UPDATE.
+
+A transition returns ``True`` when it moved the job and ``False`` when the job was not in the expected
+state; losing such a race is normal (a cancelled job, a redelivered message) and never an error.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db.models import F
+from django.utils import timezone
+
+from editing.models import EditJob, JobStatus
+
+
+def claim(job_id: uuid.UUID | str, *, worker: str, allow_restart: bool = False) -> bool:
+    """Move a queued job to running for ``worker``.
+
+    With ``allow_restart`` a job left ``running`` by a worker that died is taken over too: the
+    broker redelivered its unacknowledged message, so no live worker holds it.
+    """
+    statuses = [JobStatus.QUEUED, JobStatus.RUNNING] if allow_restart else [JobStatus.QUEUED]
+    updated = EditJob.objects.filter(pk=job_id, status__in=statuses, cancel_requested=False).update(
+        status=JobStatus.RUNNING,
+        worker=worker,
+        progress=0.0,
+        attempts=F("attempts") + 1,
+        started_at=timezone.now(),
+        updated_at=timezone.now(),
+    )
+    return updated == 1
+
+
+def report_progress(job_id: uuid.UUID | str, progress: float) -> bool:
+    """Store progress in [0, 1]; return False when the job is no longer running."""
+    updated = EditJob.objects.filter(pk=job_id, status=JobStatus.RUNNING).update(
+        progress=max(0.0, min(1.0, progress)), updated_at=timezone.now()
+    )
+    return updated == 1
+
+
+def succeed(job_id: uuid.UUID | str, *, result_name: str, timings: dict[str, float]) -> bool:
+    updated = EditJob.objects.filter(pk=job_id, status=JobStatus.RUNNING).update(
+        status=JobStatus.SUCCEEDED,
+        result=result_name,
+        timings=timings,
+        progress=1.0,
+        error="",
+        finished_at=timezone.now(),
+        updated_at=timezone.now(),
+    )
+    return updated == 1
+
+
+def fail(job_id: uuid.UUID | str, *, error: str, timings: dict[str, float] | None = None) -> bool:
+    fields: dict[str, object] = {
+        "status": JobStatus.FAILED,
+        "error": error,
+        "finished_at": timezone.now(),
+        "updated_at": timezone.now(),
+    }
+    if timings is not None:
+        fields["timings"] = timings
+    updated = EditJob.objects.filter(pk=job_id, status__in=[JobStatus.QUEUED, JobStatus.RUNNING]).update(
+        **fields
+    )
+    return updated == 1
+
+
+def cancel_queued(job_id: uuid.UUID | str) -> bool:
+    updated = EditJob.objects.filter(pk=job_id, status=JobStatus.QUEUED).update(
+        status=JobStatus.CANCELLED,
+        cancel_requested=True,
+        finished_at=timezone.now(),
+        updated_at=timezone.now(),
+    )
+    return updated == 1
+
+
+def request_cancel_running(job_id: uuid.UUID | str) -> bool:
+    """Flag a running job; its worker stops at the next denoising step boundary."""
+    updated = EditJob.objects.filter(pk=job_id, status=JobStatus.RUNNING).update(
+        cancel_requested=True, updated_at=timezone.now()
+    )
+    return updated == 1
+
+
+def finish_cancelled(job_id: uuid.UUID | str) -> bool:
+    updated = EditJob.objects.filter(pk=job_id, status=JobStatus.RUNNING).update(
+        status=JobStatus.CANCELLED, finished_at=timezone.now(), updated_at=timezone.now()
+    )
+    return updated == 1
+
+
+def is_cancel_requested(job_id: uuid.UUID | str) -> bool:
+    return EditJob.objects.filter(pk=job_id, cancel_requested=True).exists()

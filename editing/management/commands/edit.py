@@ -1,0 +1,115 @@
+"""Edit an image from the command line through the same queue and workers as the API."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+
+from editing import imaging, services
+from editing.models import EditJob, JobStatus, Template
+from editor_site.celery import app as celery_app
+
+POLL_INTERVAL_S = 0.5
+WORKER_CHECK_INTERVAL_S = 15.0
+
+
+def live_queues(timeout_s: float = 2.0) -> set[str]:
+    """Names of the queues that at least one live worker consumes."""
+    replies = celery_app.control.inspect(timeout=timeout_s).active_queues() or {}
+    return {queue["name"] for queues in replies.values() for queue in queues}
+
+
+class Command(BaseCommand):
+    help = "Submit an edit job, show its progress and write the result (uses the stack that 'make run' started)."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--image", required=True, type=Path, help="Template image file.")
+        parser.add_argument("--mask", required=True, type=Path, help="Mask image of the same size; white = edit.")
+        parser.add_argument("--prompt", required=True, help="What the masked region should show.")
+        parser.add_argument("--out", required=True, type=Path, help="Where to write the edited PNG.")
+        parser.add_argument("--steps", type=int, default=settings.EDITOR_DEFAULT_STEPS, help="Denoising steps.")
+        parser.add_argument("--seed", type=int, default=settings.EDITOR_DEFAULT_SEED, help="Random seed.")
+        parser.add_argument("--guidance", type=float, default=30.0, help="Guidance scale.")
+        parser.add_argument("--user", default="demo", help="Owner of the template and job (default: demo).")
+
+    def handle(self, *args, **options) -> None:
+        if not settings.CELERY_BROKER_URL:
+            raise CommandError("No Redis broker is configured: start the stack with 'make run' or set REDIS_URL.")
+        if not 1 <= options["steps"] <= settings.EDITOR_MAX_STEPS:
+            raise CommandError(f"--steps must be between 1 and {settings.EDITOR_MAX_STEPS}; got {options['steps']}.")
+        if not 0 <= options["seed"] <= 2**32 - 1:
+            raise CommandError(f"--seed must be between 0 and {2**32 - 1}; got {options['seed']}.")
+        prompt = options["prompt"].strip()
+        if not prompt:
+            raise CommandError("--prompt is empty; describe what the masked region should show.")
+
+        owner = get_user_model().objects.filter(username=options["user"]).first()
+        if owner is None:
+            raise CommandError(f"User '{options['user']}' does not exist; run 'make run' once or pass --user.")
+        image, mask = self.read_inputs(options["image"], options["mask"])
+
+        job_queue = services.bucket_for_mask(mask).queue
+        try:
+            queues = live_queues()
+        except OSError as error:
+            raise CommandError(f"Cannot reach the Redis broker at {settings.CELERY_BROKER_URL}: {error}") from None
+        if job_queue not in queues:
+            raise CommandError(
+                f"No live worker serves queue {job_queue}; start the stack with 'make run' (or a worker with -Q {job_queue})."
+            )
+
+        template = self.find_or_create_template(owner, options["image"].stem, image)
+        job = services.submit_job(
+            owner=owner, template=template, mask=mask, prompt=prompt,
+            seed=options["seed"], steps=options["steps"], guidance=options["guidance"],
+        )
+        self.stdout.write(f"Job {job.pk} queued on {job.queue_name} (mask ratio {job.mask_ratio:.3f}).")
+        job = self.wait(job)
+        if job.status != JobStatus.SUCCEEDED:
+            raise CommandError(f"Job {job.pk} {job.status}: {job.error or 'no error message'}")
+        options["out"].parent.mkdir(parents=True, exist_ok=True)
+        with job.result.open("rb") as handle:
+            options["out"].write_bytes(handle.read())
+        timings = " ".join(f"{phase}={ms:.0f}ms" for phase, ms in job.timings.items())
+        self.stdout.write(self.style.SUCCESS(f"Wrote {options['out']} ({timings})"))
+
+    def read_inputs(self, image_path: Path, mask_path: Path):
+        for label, path in (("--image", image_path), ("--mask", mask_path)):
+            if not path.is_file():
+                raise CommandError(f"{label} {path} does not exist or is not a file.")
+        limits = {"max_pixels": settings.EDITOR_MAX_PIXELS, "max_bytes": settings.EDITOR_MAX_UPLOAD_BYTES}
+        try:
+            image = imaging.read_template(image_path.read_bytes(), **limits)
+            mask = imaging.read_mask(mask_path.read_bytes(), size=(image.shape[1], image.shape[0]), **limits)
+        except imaging.ImageRuleError as error:
+            raise CommandError(f"{error.field}: {error}") from None
+        return image, mask
+
+    def find_or_create_template(self, owner, name: str, image) -> Template:
+        existing = Template.objects.filter(owner=owner, content_hash=services.content_hash(image)).first()
+        return existing or services.create_template(owner=owner, name=name, image=image)
+
+    def wait(self, job: EditJob) -> EditJob:
+        last_line = ""
+        next_worker_check = time.monotonic() + WORKER_CHECK_INTERVAL_S
+        while True:
+            job.refresh_from_db()
+            if job.is_final:
+                self.stdout.write("")
+                return job
+            line = f"\r{job.status}: {job.progress * 100:5.1f}%"
+            if job.status == JobStatus.QUEUED:
+                line += f" ({services.queue_position(job)} ahead)"
+            if line != last_line:
+                self.stdout.write(line, ending="")
+                self.stdout.flush()
+                last_line = line
+            if time.monotonic() >= next_worker_check:
+                next_worker_check = time.monotonic() + WORKER_CHECK_INTERVAL_S
+                if job.queue_name not in live_queues():
+                    self.stderr.write(f"\nNo live worker serves {job.queue_name}; the job waits until one starts.")
+            time.sleep(POLL_INTERVAL_S)

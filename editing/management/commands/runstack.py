@@ -1,0 +1,67 @@
+"""Run the whole service locally: database, demo data, Redis, a Celery worker and the web server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand
+
+from editing.routing import all_queues
+from editor_site.broker import embedded_url_file
+from editor_site.stack import ProcessGroup, start_embedded_redis, wait_for_port, worker_command
+
+logger = logging.getLogger(__name__)
+
+
+class Command(BaseCommand):
+    help = "Migrate, load the demo templates, start Redis (embedded unless REDIS_URL is set), a worker and the web server."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")),
+                            help="Web server port on 127.0.0.1 (default: $PORT or 8000).")
+        parser.add_argument("--no-worker", action="store_true", help="Do not start a Celery worker.")
+
+    def handle(self, *args, port: int, no_worker: bool, **options) -> None:
+        var_dir = settings.VAR_DIR
+        var_dir.mkdir(parents=True, exist_ok=True)
+        call_command("migrate", interactive=False, verbosity=0)
+        call_command("load_demo_templates")
+        self.stdout.write("Preparing the model (the built-in demo model is built once under var/)...")
+        if settings.EDITOR_MODEL in ("", "demo"):
+            from workers.demo_model import ensure_demo_model
+
+            ensure_demo_model(var_dir / "models", "demo")
+
+        group = ProcessGroup()
+        env = os.environ.copy()
+        url_file = embedded_url_file(var_dir)
+        try:
+            if not os.environ.get("REDIS_URL"):
+                redis_process, redis_url = start_embedded_redis(var_dir)
+                group.adopt("embedded redis", redis_process)
+                url_file.write_text(redis_url)
+                env["REDIS_URL"] = redis_url
+                self.stdout.write(f"Embedded Redis at {redis_url}")
+            if not no_worker:
+                group.start("celery worker", worker_command(all_queues()), env=env)
+            web = group.start(
+                "web server",
+                [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
+                env=env,
+            )
+            wait_for_port(port, timeout_s=60, process=web)
+            self.stdout.write(self.style.SUCCESS(f"Editing service running at http://127.0.0.1:{port}/"))
+            self.stdout.write("Log in as demo / demo. Press Ctrl-C to stop.")
+            while (exited := group.first_exited()) is None:
+                time.sleep(0.5)
+            self.stderr.write(f"{exited[0]} exited with code {exited[1]}; stopping the stack.")
+        except KeyboardInterrupt:
+            self.stdout.write("Stopping...")
+        finally:
+            group.stop()
+            url_file.unlink(missing_ok=True)

@@ -1,0 +1,111 @@
+"""Templates and edit jobs.
+
+An edit job moves through a small state machine::
+
+    queued -> running -> succeeded | failed | cancelled
+    queued -> cancelled
+
+Every transition is a conditional UPDATE on the current status (see ``editing.jobstate``), so two
+processes racing for the same job cannot both win.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.utils.translation import gettext_lazy as _
+
+
+def template_upload_path(instance: "Template", filename: str) -> str:
+    # Stored names are generated; the client's file name is never used on disk.
+    return f"templates/{uuid.uuid4().hex}.img"
+
+
+def mask_upload_path(instance: "EditJob", filename: str) -> str:
+    return f"masks/{uuid.uuid4().hex}.img"
+
+
+def result_upload_path(instance: "EditJob", filename: str) -> str:
+    return f"results/{uuid.uuid4().hex}.png"
+
+
+class Template(models.Model):
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="templates")
+    name = models.CharField(_("name"), max_length=200)
+    image = models.FileField(_("image"), upload_to=template_upload_path)
+    # Upright size, after EXIF orientation.
+    width = models.PositiveIntegerField(_("width"))
+    height = models.PositiveIntegerField(_("height"))
+    # sha256 of the upright 8-bit RGB pixels and their size: identical content shares one cache.
+    content_hash = models.CharField(_("content hash"), max_length=64, db_index=True)
+    use_count = models.PositiveIntegerField(_("use count"), default=0)
+    created_at = models.DateTimeField(_("created at"), auto_now_add=True)
+    updated_at = models.DateTimeField(_("updated at"), auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = _("template")
+        verbose_name_plural = _("templates")
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.width}x{self.height})"
+
+
+class JobStatus(models.TextChoices):
+    QUEUED = "queued", _("queued")
+    RUNNING = "running", _("running")
+    SUCCEEDED = "succeeded", _("succeeded")
+    FAILED = "failed", _("failed")
+    CANCELLED = "cancelled", _("cancelled")
+
+
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+FINAL_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class EditJob(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="edit_jobs")
+    template = models.ForeignKey(Template, on_delete=models.CASCADE, related_name="jobs")
+    mask = models.FileField(_("mask"), upload_to=mask_upload_path)
+    prompt = models.TextField(_("prompt"))
+    seed = models.BigIntegerField(_("seed"))
+    steps = models.PositiveIntegerField(_("steps"))
+    guidance = models.FloatField(_("guidance"))
+
+    status = models.CharField(
+        _("status"), max_length=16, choices=JobStatus.choices, default=JobStatus.QUEUED, db_index=True
+    )
+    progress = models.FloatField(_("progress"), default=0.0)
+    cancel_requested = models.BooleanField(_("cancel requested"), default=False)
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+
+    mask_ratio = models.FloatField(_("mask ratio"))
+    bucket = models.CharField(_("bucket"), max_length=16, db_index=True)
+    queue_name = models.CharField(_("queue"), max_length=64)
+
+    # Milliseconds per phase: load, preprocess, denoise, decode, composite, store.
+    timings = models.JSONField(_("timings (ms)"), default=dict, blank=True)
+    result = models.FileField(_("result"), upload_to=result_upload_path, blank=True)
+    error = models.TextField(_("error"), blank=True)
+    worker = models.CharField(_("worker"), max_length=200, blank=True)
+
+    created_at = models.DateTimeField(_("created at"), auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(_("started at"), null=True, blank=True)
+    finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
+    updated_at = models.DateTimeField(_("updated at"), auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = _("edit job")
+        verbose_name_plural = _("edit jobs")
+        indexes = [models.Index(fields=["queue_name", "status", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"job {self.id} ({self.status})"
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES

@@ -1,0 +1,124 @@
+"""Creating templates and edit jobs, and handing jobs to the queue.
+
+Input validation happens in the API serializers; these functions take already-decoded pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+
+import numpy as np
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.db import transaction
+from django.db.models import F
+
+from editing import imaging, jobstate
+from editing.models import EditJob, JobStatus, Template
+from editing.routing import bucket_for
+from editor_site.celery import app as celery_app
+
+logger = logging.getLogger(__name__)
+
+RUN_EDIT_TASK = "workers.tasks.run_edit_job"
+
+
+def content_hash(image: np.ndarray) -> str:
+    """Hash the upright 8-bit RGB pixels with their shape, so equal content gives equal hashes."""
+    digest = hashlib.sha256()
+    digest.update(f"{image.shape[1]}x{image.shape[0]}x{image.shape[2]}:".encode())
+    digest.update(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
+    return digest.hexdigest()
+
+
+def create_template(*, owner, name: str, image: np.ndarray) -> Template:
+    """Store a template as the upright 8-bit RGB PNG that every job will read."""
+    height, width = image.shape[:2]
+    template = Template(
+        owner=owner, name=name, width=width, height=height, content_hash=content_hash(image)
+    )
+    template.image.save(f"{uuid.uuid4().hex}.png", ContentFile(imaging.encode_png(image)), save=False)
+    template.save()
+    logger.info("template %s created for user %s: %dx%d", template.pk, owner.pk, width, height)
+    return template
+
+
+def token_mask_ratio(mask: np.ndarray) -> float:
+    return imaging.mask_ratio(mask, patch=16, dilation=settings.EDITOR_MASK_DILATION_TOKENS)
+
+
+def bucket_for_mask(mask: np.ndarray):
+    return bucket_for(token_mask_ratio(mask))
+
+
+def submit_job(
+    *,
+    owner,
+    template: Template,
+    mask: np.ndarray,
+    prompt: str,
+    seed: int,
+    steps: int,
+    guidance: float,
+) -> EditJob:
+    """Create a queued job and enqueue it on its bucket's queue once the row is committed."""
+    ratio = token_mask_ratio(mask)
+    bucket = bucket_for(ratio)
+    mask_png = imaging.encode_png(mask.astype(np.uint8) * 255)
+    with transaction.atomic():
+        job = EditJob(
+            owner=owner,
+            template=template,
+            prompt=prompt,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            mask_ratio=ratio,
+            bucket=bucket.name,
+            queue_name=bucket.queue,
+        )
+        job.mask.save(f"{uuid.uuid4().hex}.png", ContentFile(mask_png), save=False)
+        job.save()
+        Template.objects.filter(pk=template.pk).update(use_count=F("use_count") + 1)
+        transaction.on_commit(lambda: enqueue(job))
+    logger.info(
+        "job %s submitted by user %s: template %s, mask ratio %.3f, queue %s",
+        job.pk, owner.pk, template.pk, ratio, job.queue_name,
+    )
+    return job
+
+
+def enqueue(job: EditJob) -> None:
+    """Send the job's message; a broker failure leaves the job queued for the reconciler."""
+    if not celery_app.conf.broker_url:
+        logger.error("no broker is configured (set REDIS_URL); job %s stays queued", job.pk)
+        return
+    try:
+        celery_app.send_task(RUN_EDIT_TASK, args=[str(job.pk)], queue=job.queue_name)
+    except Exception:  # noqa: BLE001 - any broker error; the job row stays queued and is retried later
+        logger.exception("could not enqueue job %s on %s; it stays queued", job.pk, job.queue_name)
+
+
+def cancel_job(job: EditJob) -> bool:
+    """Cancel a queued job at once, or ask a running one to stop at its next step.
+
+    Returns False when the job had already finished.
+    """
+    if jobstate.cancel_queued(job.pk):
+        logger.info("job %s cancelled while queued", job.pk)
+        return True
+    if jobstate.request_cancel_running(job.pk):
+        logger.info("job %s asked to stop at its next step", job.pk)
+        return True
+    return False
+
+
+def queue_position(job: EditJob) -> int | None:
+    """Number of jobs ahead of this one in its queue; None unless the job is queued."""
+    if job.status != JobStatus.QUEUED:
+        return None
+    return EditJob.objects.filter(
+        queue_name=job.queue_name, status=JobStatus.QUEUED, created_at__lt=job.created_at
+    ).count()

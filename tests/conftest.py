@@ -1,0 +1,165 @@
+"""Shared fixtures: users, API clients, a Redis broker and a real Celery worker process."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+PHOTOS = ROOT / "demo" / "photos"
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def stroke_mask(width: int, height: int, *, x0: float = 0.3, x1: float = 0.6, y0: float = 0.4, y1: float = 0.55) -> np.ndarray:
+    """A brush-stroke-like mask: a thick diagonal band, white on black, as an uint8 image."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    yy, xx = np.mgrid[0:height, 0:width]
+    band = np.abs((yy - y0 * height) - 0.3 * (xx - x0 * width)) < (y1 - y0) * height / 2
+    mask[band & (xx >= x0 * width) & (xx <= x1 * width)] = 255
+    return mask
+
+
+def redis_reachable(url: str) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 6379), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The test broker: Redis on 127.0.0.1:6379 db 15, or an embedded server when none runs."""
+    from editor_site.celery import app as celery_app
+    from editor_site.stack import start_embedded_redis
+
+    process = None
+    url = TEST_REDIS_URL
+    if not redis_reachable(url):
+        process, url = start_embedded_redis(ROOT / "var" / "test-redis")
+    import redis
+
+    redis.Redis.from_url(url).flushdb()
+    celery_app.conf.broker_url = url
+    yield url
+    if process is not None:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def test_model_path() -> Path:
+    """The tiny 'test' preset of the demo model, built once under var/ and reused across runs."""
+    from workers.demo_model import ensure_demo_model
+
+    return ensure_demo_model(ROOT / "var" / "models", "test")
+
+
+@pytest.fixture
+def media_root(settings, tmp_path: Path) -> Path:
+    settings.MEDIA_ROOT = tmp_path / "media"
+    return settings.MEDIA_ROOT
+
+
+def database_url() -> str:
+    """URL of the database the tests use, for processes started by the tests."""
+    from django.db import connection
+
+    config = connection.settings_dict
+    if config["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{config['NAME']}"
+    user = config.get("USER") or ""
+    password = f":{config['PASSWORD']}" if config.get("PASSWORD") else ""
+    auth = f"{user}{password}@" if user else ""
+    return f"postgres://{auth}{config.get('HOST') or '127.0.0.1'}:{config.get('PORT') or 5432}/{config['NAME']}"
+
+
+@pytest.fixture
+def worker_env(redis_url: str, media_root: Path, test_model_path: Path, transactional_db) -> dict[str, str]:
+    env = os.environ.copy()
+    env.update(
+        {
+            "DEBUG": "1",
+            "REDIS_URL": redis_url,
+            "DATABASE_URL": database_url(),
+            "EDITOR_MEDIA_ROOT": str(media_root),
+            "EDITOR_MODEL": str(test_model_path),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def wait_for_worker(queues: list[str], timeout_s: float = 60.0) -> None:
+    from editing.management.commands.edit import live_queues
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if set(queues) <= live_queues(timeout_s=1.0):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"no worker consumed {queues} within {timeout_s:.0f} s")
+
+
+@pytest.fixture
+def celery_worker_process(worker_env: dict[str, str], tmp_path: Path):
+    """A real Celery worker process (prefork pool) serving every bucket queue."""
+    from editing.routing import all_queues
+    from editor_site.stack import worker_command
+
+    queues = all_queues()
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            worker_command(queues, name=f"test-{uuid.uuid4().hex[:8]}"),
+            cwd=ROOT, env=worker_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        wait_for_worker(queues)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
+
+
+@pytest.fixture
+def make_user(django_user_model):
+    def make(username: str = "alice"):
+        return django_user_model.objects.create_user(username=username, password="pw-" + username)
+
+    return make
+
+
+@pytest.fixture
+def api_client_for(make_user):
+    from rest_framework.test import APIClient
+
+    def make(username: str = "alice") -> APIClient:
+        client = APIClient()
+        client.force_authenticate(make_user(username))
+        return client
+
+    return make

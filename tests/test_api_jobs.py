@@ -1,0 +1,157 @@
+"""Edit-job submission, validation, status, cancel and isolation through the API (no worker)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+
+from editing.models import EditJob, JobStatus
+from tests.conftest import PHOTOS, png_bytes, stroke_mask
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def alice(api_client_for):
+    return api_client_for("alice")
+
+
+@pytest.fixture
+def coffee(alice, media_root) -> dict:
+    response = alice.post(
+        "/api/templates/",
+        {"image": SimpleUploadedFile("coffee.png", (PHOTOS / "coffee.png").read_bytes())},
+        format="multipart",
+    )
+    assert response.status_code == 201
+    return response.json()
+
+
+def submit(client, template_id, mask: np.ndarray | bytes, **fields):
+    data = mask if isinstance(mask, bytes) else png_bytes(mask)
+    payload = {"template": template_id, "mask": SimpleUploadedFile("mask.png", data), "prompt": "a red cup"}
+    payload.update(fields)
+    return client.post("/api/jobs/", payload, format="multipart")
+
+
+def test_submit_job_is_queued_with_bucket(alice, coffee, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = submit(alice, coffee["id"], stroke_mask(600, 400))
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["status"] == "queued"
+    assert body["queue_position"] == 0
+    assert 0 < body["mask_ratio"] < 0.25
+    assert body["queue"] == f"edit.{body['bucket']}"
+    assert body["steps"] == 20
+    assert body["seed"] == 0
+    assert len(callbacks) == 1
+
+
+def test_bucket_follows_mask_ratio(alice, coffee):
+    full = np.full((400, 600), 255, dtype=np.uint8)
+    body = submit(alice, coffee["id"], full).json()
+    assert body["mask_ratio"] == 1.0
+    assert body["queue"] == "edit.m100"
+
+
+def test_queue_position_counts_jobs_ahead(alice, coffee):
+    first = submit(alice, coffee["id"], stroke_mask(600, 400)).json()
+    second = submit(alice, coffee["id"], stroke_mask(600, 400)).json()
+    assert first["queue_position"] == 0
+    assert second["queue_position"] == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "fragment"),
+    [
+        ({"steps": "-3"}, "steps", "-3"),
+        ({"steps": "abc"}, "steps", "abc"),
+        ({"steps": "1000"}, "steps", "1000"),
+        ({"seed": str(2**40)}, "seed", str(2**40)),
+        ({"seed": "-1"}, "seed", "-1"),
+        ({"guidance": "nan"}, "guidance", "nan"),
+        ({"guidance": "1e9"}, "guidance", "1000000000"),
+        ({"prompt": "   "}, "prompt", "prompt"),
+        ({"prompt": "x" * 5000}, "prompt", "5000"),
+        ({"template": "999999"}, "template", "999999"),
+        ({"template": "../etc"}, "template", "../etc"),
+    ],
+)
+def test_invalid_parameters_get_400_naming_field_and_value(alice, coffee, fields, field, fragment):
+    response = submit(alice, coffee["id"], stroke_mask(600, 400), **fields)
+    assert response.status_code == 400, response.content
+    body = response.json()
+    assert field in body
+    assert fragment in body[field][0]
+    assert EditJob.objects.count() == 0
+
+
+def test_wrong_size_mask_names_both_sizes(alice, coffee):
+    response = submit(alice, coffee["id"], stroke_mask(300, 200))
+    assert response.status_code == 400
+    message = response.json()["mask"][0]
+    assert "300" in message and "600" in message
+
+
+def test_empty_mask_is_rejected(alice, coffee):
+    response = submit(alice, coffee["id"], np.zeros((400, 600), dtype=np.uint8))
+    assert response.status_code == 400
+    assert "mask" in response.json()
+
+
+def test_non_image_mask_is_rejected(alice, coffee):
+    response = submit(alice, coffee["id"], b"GIF89a but not really")
+    assert response.status_code == 400
+    assert "mask" in response.json()
+
+
+def test_missing_mask_is_rejected(alice, coffee):
+    response = alice.post("/api/jobs/", {"template": coffee["id"], "prompt": "x"}, format="multipart")
+    assert response.status_code == 400
+    assert "mask" in response.json()
+
+
+def test_cancel_queued_job(alice, coffee):
+    job = submit(alice, coffee["id"], stroke_mask(600, 400)).json()
+    response = alice.post(f"/api/jobs/{job['id']}/cancel/")
+    assert response.status_code == 200
+    assert response.json()["status"] == "cancelled"
+    again = alice.post(f"/api/jobs/{job['id']}/cancel/")
+    assert again.status_code == 409
+
+
+def test_cancel_running_job_sets_flag(alice, coffee):
+    job = submit(alice, coffee["id"], stroke_mask(600, 400)).json()
+    EditJob.objects.filter(pk=job["id"]).update(status=JobStatus.RUNNING)
+    body = alice.post(f"/api/jobs/{job['id']}/cancel/").json()
+    assert body["status"] == "running"
+    assert body["cancel_requested"] is True
+
+
+def test_result_before_success_is_404(alice, coffee):
+    job = submit(alice, coffee["id"], stroke_mask(600, 400)).json()
+    assert job["result_url"] is None
+    assert alice.get(f"/api/jobs/{job['id']}/result/").status_code == 404
+
+
+def test_other_user_cannot_see_cancel_or_use(api_client_for, alice, coffee):
+    job = submit(alice, coffee["id"], stroke_mask(600, 400)).json()
+    bob = api_client_for("bob")
+    assert bob.get("/api/jobs/").json()["results"] == []
+    assert bob.get(f"/api/jobs/{job['id']}/").status_code == 404
+    assert bob.get(f"/api/jobs/{job['id']}/result/").status_code == 404
+    assert bob.post(f"/api/jobs/{job['id']}/cancel/").status_code == 404
+    response = submit(bob, coffee["id"], stroke_mask(600, 400))
+    assert response.status_code == 400
+    assert "template" in response.json()
+
+
+def test_malformed_job_id_is_404(alice):
+    assert alice.get("/api/jobs/not-a-uuid/").status_code == 404
+
+
+def test_delete_template_with_queued_job_conflicts(alice, coffee):
+    submit(alice, coffee["id"], stroke_mask(600, 400))
+    assert alice.delete(f"/api/templates/{coffee['id']}/").status_code == 409

@@ -1,0 +1,113 @@
+"""Template upload, listing, download and deletion through the API."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from PIL import Image
+
+from tests.conftest import PHOTOS, png_bytes
+
+pytestmark = pytest.mark.django_db
+
+
+def upload(client, data: bytes, name: str = "photo.png", **fields):
+    return client.post(
+        "/api/templates/", {"image": SimpleUploadedFile(name, data), **fields}, format="multipart"
+    )
+
+
+def test_upload_coffee_photo(api_client_for, media_root):
+    client = api_client_for("alice")
+    response = upload(client, (PHOTOS / "coffee.png").read_bytes(), name="coffee.png")
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert (body["width"], body["height"]) == (600, 400)
+    assert body["name"] == "coffee"
+    assert len(body["content_hash"]) == 64
+
+
+def test_upload_keeps_given_name(api_client_for, media_root):
+    response = upload(api_client_for(), (PHOTOS / "chelsea.png").read_bytes(), name="x.png", name="Cat banner")
+    assert response.status_code == 201
+    assert response.json()["name"] == "Cat banner"
+
+
+def test_download_returns_upright_png(api_client_for, media_root):
+    client = api_client_for()
+    created = upload(client, (PHOTOS / "rocket.jpg").read_bytes(), name="rocket.jpg").json()
+    response = client.get(created["image_url"])
+    assert response.status_code == 200
+    image = Image.open(io.BytesIO(b"".join(response.streaming_content)))
+    assert image.size == (640, 427)
+    assert image.mode == "RGB"
+
+
+@pytest.mark.parametrize("data", [b"", b"this is not an image"], ids=["zero-byte", "text"])
+def test_rejects_non_images_with_400(api_client_for, media_root, data):
+    response = upload(api_client_for(), data, name="bad.png")
+    assert response.status_code == 400
+    assert "image" in response.json()
+
+
+def test_rejects_truncated_png(api_client_for, media_root):
+    data = (PHOTOS / "coffee.png").read_bytes()
+    response = upload(api_client_for(), data[: len(data) // 2])
+    assert response.status_code == 400
+    assert "image" in response.json()
+
+
+def test_rejects_image_over_pixel_limit(api_client_for, media_root, settings):
+    settings.EDITOR_MAX_PIXELS = 100 * 100
+    response = upload(api_client_for(), png_bytes(np.zeros((101, 100, 3), dtype=np.uint8)))
+    assert response.status_code == 400
+    message = response.json()["image"][0]
+    assert "10000" in message.replace(",", "")
+
+
+def test_rejects_file_over_byte_limit(api_client_for, media_root, settings):
+    settings.EDITOR_MAX_UPLOAD_BYTES = 2000
+    response = upload(api_client_for(), (PHOTOS / "coffee.png").read_bytes())
+    assert response.status_code == 400
+    assert "2000" in response.json()["image"][0]
+
+
+def test_rejected_upload_writes_nothing(api_client_for, media_root):
+    from editing.models import Template
+
+    upload(api_client_for(), b"garbage")
+    assert Template.objects.count() == 0
+    stored = [path for path in media_root.rglob("*") if path.is_file()] if media_root.exists() else []
+    assert stored == []
+
+
+def test_other_user_cannot_see_or_download(api_client_for, media_root):
+    alice = api_client_for("alice")
+    bob = api_client_for("bob")
+    created = upload(alice, (PHOTOS / "coffee.png").read_bytes()).json()
+    assert bob.get("/api/templates/").json()["results"] == []
+    assert bob.get(f"/api/templates/{created['id']}/").status_code == 404
+    assert bob.get(created["image_url"]).status_code == 404
+    assert bob.delete(f"/api/templates/{created['id']}/").status_code == 404
+    assert alice.get(f"/api/templates/{created['id']}/").status_code == 200
+
+
+def test_delete_template(api_client_for, media_root):
+    client = api_client_for()
+    created = upload(client, (PHOTOS / "coffee.png").read_bytes()).json()
+    assert client.delete(f"/api/templates/{created['id']}/").status_code == 204
+    assert client.get(f"/api/templates/{created['id']}/").status_code == 404
+
+
+def test_anonymous_request_is_rejected(client):
+    response = client.get("/api/templates/")
+    assert response.status_code in (401, 403)
+
+
+def test_openapi_schema_is_served(api_client_for):
+    response = api_client_for().get("/api/schema/")
+    assert response.status_code == 200
+    assert b"/api/jobs/" in response.content

@@ -1,0 +1,99 @@
+"""End to end: API -> Redis queue -> real Celery worker process -> stored result."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from PIL import Image
+
+from editing import imaging
+from tests.conftest import PHOTOS, png_bytes, stroke_mask
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+POLL_TIMEOUT_S = 300
+
+
+def poll_until_final(client, job_id: str, timeout_s: float = POLL_TIMEOUT_S) -> tuple[dict, list[float]]:
+    deadline = time.monotonic() + timeout_s
+    progress_seen: list[float] = []
+    while time.monotonic() < deadline:
+        body = client.get(f"/api/jobs/{job_id}/").json()
+        progress_seen.append(body["progress"])
+        if body["status"] in ("succeeded", "failed", "cancelled"):
+            return body, progress_seen
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish within {timeout_s} s; last status {body['status']}")
+
+
+def upload_template(client, path) -> dict:
+    response = client.post(
+        "/api/templates/", {"image": SimpleUploadedFile(path.name, path.read_bytes())}, format="multipart"
+    )
+    assert response.status_code == 201, response.content
+    return response.json()
+
+
+def submit(client, template_id: int, mask: np.ndarray, **fields) -> dict:
+    payload = {
+        "template": template_id,
+        "mask": SimpleUploadedFile("mask.png", png_bytes(mask)),
+        "prompt": "a ceramic cup with a blue glaze",
+        "steps": 4,
+    }
+    payload.update(fields)
+    response = client.post("/api/jobs/", payload, format="multipart")
+    assert response.status_code == 201, response.content
+    return response.json()
+
+
+def test_coffee_edit_round_trip(api_client_for, celery_worker_process, settings):
+    client = api_client_for("alice")
+    template = upload_template(client, PHOTOS / "coffee.png")
+    mask = stroke_mask(600, 400)
+    job = submit(client, template["id"], mask)
+
+    body, progress = poll_until_final(client, job["id"])
+
+    assert body["status"] == "succeeded", body["error"]
+    assert body["progress"] == 1.0
+    assert set(body["timings"]) >= {"load", "preprocess", "denoise", "decode", "store"}
+    response = client.get(body["result_url"])
+    assert response.status_code == 200
+    result = np.asarray(Image.open(io.BytesIO(b"".join(response.streaming_content))).convert("RGB"))
+    original = imaging.read_template(
+        (PHOTOS / "coffee.png").read_bytes(), max_pixels=10**8, max_bytes=10**8
+    )
+    assert result.shape == original.shape
+    outside = ~imaging.dilate(mask > 127, 16)
+    assert np.array_equal(result[outside], original[outside])
+    assert not np.array_equal(result[mask > 127], original[mask > 127])
+    assert client.get(body["result_url"]).status_code == 200
+    assert api_client_for("bob").get(body["result_url"]).status_code == 404
+
+
+def test_odd_size_grayscale_template(api_client_for, celery_worker_process):
+    client = api_client_for("alice")
+    template = upload_template(client, PHOTOS / "chelsea.png")
+    body, _ = poll_until_final(client, submit(client, template["id"], stroke_mask(451, 300))["id"])
+    assert body["status"] == "succeeded", body["error"]
+    result = Image.open(io.BytesIO(b"".join(client.get(body["result_url"]).streaming_content)))
+    assert result.size == (451, 300)
+
+
+def test_cancel_while_running_stops_job(api_client_for, celery_worker_process):
+    client = api_client_for("alice")
+    template = upload_template(client, PHOTOS / "astronaut.png")
+    job = submit(client, template["id"], stroke_mask(512, 512), steps=100)
+    deadline = time.monotonic() + POLL_TIMEOUT_S
+    while client.get(f"/api/jobs/{job['id']}/").json()["status"] != "running":
+        assert time.monotonic() < deadline, "job never started"
+        time.sleep(0.1)
+    assert client.post(f"/api/jobs/{job['id']}/cancel/").status_code == 200
+    body, _ = poll_until_final(client, job["id"])
+    assert body["status"] == "cancelled"
+    assert body["result_url"] is None

@@ -1,0 +1,1 @@
+"""Mask-aware Flux Fill inference: cache a template's activations once, then compute only masked tokens."""

@@ -1,0 +1,196 @@
+"""Attention processors that record or reuse image-token activations of FluxTransformer2DModel.
+
+They replace the stock `FluxAttnProcessor` through `set_attn_processor`, so the model classes and checkpoints
+stay unchanged. Both compute exactly what the stock processor computes for the tokens they are given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttention
+
+from workers.masked.activations import BlockActivations, BlockCacheSource, Variant
+
+RotaryEmbedding = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class StepCursor:
+    """Denoising step index shared by all processors of one run; the denoising loop advances it."""
+
+    step: int = 0
+
+
+@dataclass
+class ActivationRecorder:
+    """Collects BlockActivations per step and block during the warm-up run."""
+
+    variant: Variant
+    num_steps: int
+    num_blocks: int
+    num_image_tokens: int
+    blocks: list[list[BlockActivations | None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.blocks = [[None] * self.num_blocks for _ in range(self.num_steps)]
+
+    def store(self, step: int, block: int, entry: BlockActivations) -> None:
+        if step >= self.num_steps:
+            raise ValueError(f"Recorded step {step} is out of range; the warm-up has {self.num_steps} steps.")
+        self.blocks[step][block] = entry
+
+
+def _project(
+    attn: FluxAttention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return query, key, value of shape (B, S, heads, head_dim) after QK norms, text tokens first."""
+    query = attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim))
+    key = attn.to_k(hidden_states).unflatten(-1, (-1, attn.head_dim))
+    value = attn.to_v(hidden_states).unflatten(-1, (-1, attn.head_dim))
+    query = attn.norm_q(query)
+    key = attn.norm_k(key)
+
+    if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+        encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
+        encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
+        encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
+        query = torch.cat([attn.norm_added_q(encoder_query), query], dim=1)
+        key = torch.cat([attn.norm_added_k(encoder_key), key], dim=1)
+        value = torch.cat([encoder_value, value], dim=1)
+    return query, key, value
+
+
+def _output(
+    attn: FluxAttention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Apply the output projections to attention output (B, S, D) as the stock processor does."""
+    if encoder_hidden_states is None:
+        return hidden_states
+    text_len = encoder_hidden_states.shape[1]
+    encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+        [text_len, hidden_states.shape[1] - text_len], dim=1
+    )
+    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+    encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+    return hidden_states, encoder_hidden_states
+
+
+class RecordingFluxAttnProcessor:
+    """Stock Flux attention that also stores the image tokens' K/V or normalized hidden states.
+
+    Image tokens are the last `num_image_tokens` positions: double-stream blocks pass image tokens only as
+    `hidden_states`, and single-stream blocks pass the text tokens first.
+    """
+
+    def __init__(self, block: int, cursor: StepCursor, recorder: ActivationRecorder) -> None:
+        self.block = block
+        self.cursor = cursor
+        self.recorder = recorder
+
+    def __call__(
+        self,
+        attn: FluxAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: RotaryEmbedding | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        num_image = self.recorder.num_image_tokens
+        query, key, value = _project(attn, hidden_states, encoder_hidden_states)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        if self.recorder.variant == "kv":
+            # (1, N_img, heads, head_dim) -> (heads, N_img, head_dim), the layout SDPA reads keys in.
+            entry = BlockActivations(
+                k=key[0, -num_image:].transpose(0, 1).contiguous(),
+                v=value[0, -num_image:].transpose(0, 1).contiguous(),
+            )
+        else:
+            entry = BlockActivations(hidden=hidden_states[0, -num_image:].clone())
+        self.recorder.store(self.cursor.step, self.block, entry)
+
+        attended = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
+        attended = attended.flatten(2, 3).to(query.dtype)
+        return _output(attn, attended, encoder_hidden_states)
+
+
+@dataclass(frozen=True)
+class UnmaskedTokens:
+    """Positions of the unmasked image tokens, and their rotary embedding for the "hidden" variant."""
+
+    indices: torch.Tensor
+    rotary: RotaryEmbedding | None
+
+
+class CachedFluxAttnProcessor:
+    """Flux attention whose queries attend to fresh K/V plus the cached K/V of unmasked image tokens.
+
+    The block receives text tokens and masked image tokens only. Attention is permutation invariant over keys,
+    so the cached keys are appended after the fresh ones.
+    """
+
+    def __init__(
+        self,
+        block: int,
+        cursor: StepCursor,
+        source: BlockCacheSource,
+        variant: Variant,
+        unmasked: UnmaskedTokens,
+    ) -> None:
+        if variant == "hidden" and unmasked.rotary is None:
+            raise ValueError("variant='hidden' needs the rotary embedding of the unmasked tokens; got None.")
+        self.block = block
+        self.cursor = cursor
+        self.source = source
+        self.variant = variant
+        self.unmasked = unmasked
+
+    def _cached_key_value(self, attn: FluxAttention) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return cached unmasked keys and values, shape (1, heads, N_unmasked, head_dim)."""
+        entry = self.source.get(self.cursor.step, self.block)
+        indices = self.unmasked.indices
+        if self.variant == "kv":
+            if entry.k is None or entry.v is None:
+                raise ValueError(f"Cached block {self.block} at step {self.cursor.step} has no K/V tensors.")
+            return entry.k.index_select(1, indices).unsqueeze(0), entry.v.index_select(1, indices).unsqueeze(0)
+
+        if entry.hidden is None:
+            raise ValueError(f"Cached block {self.block} at step {self.cursor.step} has no hidden states.")
+        hidden = entry.hidden.index_select(0, indices).unsqueeze(0)
+        key = attn.norm_k(attn.to_k(hidden).unflatten(-1, (-1, attn.head_dim)))
+        value = attn.to_v(hidden).unflatten(-1, (-1, attn.head_dim))
+        assert self.unmasked.rotary is not None
+        key = apply_rotary_emb(key, self.unmasked.rotary, sequence_dim=1)
+        return key.transpose(1, 2), value.transpose(1, 2)
+
+    def __call__(
+        self,
+        attn: FluxAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: RotaryEmbedding | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if attention_mask is not None:
+            raise ValueError("CachedFluxAttnProcessor does not support attention_mask; pass None.")
+        query, key, value = _project(attn, hidden_states, encoder_hidden_states)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        cached_key, cached_value = self._cached_key_value(attn)
+        # (B, S, heads, head_dim) -> (B, heads, S, head_dim), then keys = fresh tokens + cached unmasked tokens.
+        query = query.transpose(1, 2)
+        key = torch.cat([key.transpose(1, 2), cached_key], dim=2)
+        value = torch.cat([value.transpose(1, 2), cached_value], dim=2)
+
+        attended = F.scaled_dot_product_attention(query, key, value)
+        attended = attended.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        return _output(attn, attended, encoder_hidden_states)

@@ -40,6 +40,8 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    # Self-hosted Swagger UI and Redoc files, so the API docs page loads nothing from a CDN.
+    "drf_spectacular_sidecar",
     "editing",
 ]
 
@@ -136,6 +138,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Upload templates, submit masked edit jobs, poll their status and download results.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- Celery (Redis broker). The database, not Celery, is the source of truth for job state.

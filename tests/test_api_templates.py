@@ -14,15 +14,15 @@ from tests.conftest import PHOTOS, png_bytes
 pytestmark = pytest.mark.django_db
 
 
-def upload(client, data: bytes, name: str = "photo.png", **fields):
+def upload(client, data: bytes, file_name: str = "photo.png", **fields):
     return client.post(
-        "/api/templates/", {"image": SimpleUploadedFile(name, data), **fields}, format="multipart"
+        "/api/templates/", {"image": SimpleUploadedFile(file_name, data), **fields}, format="multipart"
     )
 
 
 def test_upload_coffee_photo(api_client_for, media_root):
     client = api_client_for("alice")
-    response = upload(client, (PHOTOS / "coffee.png").read_bytes(), name="coffee.png")
+    response = upload(client, (PHOTOS / "coffee.png").read_bytes(), file_name="coffee.png")
     assert response.status_code == 201, response.content
     body = response.json()
     assert (body["width"], body["height"]) == (600, 400)
@@ -31,14 +31,14 @@ def test_upload_coffee_photo(api_client_for, media_root):
 
 
 def test_upload_keeps_given_name(api_client_for, media_root):
-    response = upload(api_client_for(), (PHOTOS / "chelsea.png").read_bytes(), name="x.png", name="Cat banner")
+    response = upload(api_client_for(), (PHOTOS / "chelsea.png").read_bytes(), file_name="x.png", name="Cat banner")
     assert response.status_code == 201
     assert response.json()["name"] == "Cat banner"
 
 
 def test_download_returns_upright_png(api_client_for, media_root):
     client = api_client_for()
-    created = upload(client, (PHOTOS / "rocket.jpg").read_bytes(), name="rocket.jpg").json()
+    created = upload(client, (PHOTOS / "rocket.jpg").read_bytes(), file_name="rocket.jpg").json()
     response = client.get(created["image_url"])
     assert response.status_code == 200
     image = Image.open(io.BytesIO(b"".join(response.streaming_content)))
@@ -48,7 +48,7 @@ def test_download_returns_upright_png(api_client_for, media_root):
 
 @pytest.mark.parametrize("data", [b"", b"this is not an image"], ids=["zero-byte", "text"])
 def test_rejects_non_images_with_400(api_client_for, media_root, data):
-    response = upload(api_client_for(), data, name="bad.png")
+    response = upload(api_client_for(), data, file_name="bad.png")
     assert response.status_code == 400
     assert "image" in response.json()
 

@@ -146,16 +146,19 @@ class TemplateActivations:
             key = (int(match.group(1)), int(match.group(2)))
             parts.setdefault(key, {})[match.group(3)] = tensor
 
+        required = ("k", "v") if metadata.variant == "kv" else ("hidden",)
         blocks: list[list[BlockActivations]] = []
         for step in range(metadata.num_steps):
             step_blocks = []
             for block in range(metadata.num_blocks):
-                if (step, block) not in parts:
+                found = parts.get((step, block), {})
+                missing = [block_tensor_name(step, block, name) for name in required if name not in found]
+                if missing:
                     raise ValueError(
-                        f"Missing cached activations for step {step}, block {block} "
-                        f"(expected {metadata.num_steps} steps x {metadata.num_blocks} blocks)."
+                        f"Missing cached tensors {missing} for step {step}, block {block} "
+                        f"(expected {metadata.num_steps} steps x {metadata.num_blocks} blocks, variant {metadata.variant})."
                     )
-                step_blocks.append(BlockActivations(**parts[(step, block)]))
+                step_blocks.append(BlockActivations(**found))
             blocks.append(step_blocks)
         return cls(metadata=metadata, latents=tensors[_LATENTS_NAME], blocks=blocks)
 

@@ -86,6 +86,13 @@ class EditJob(models.Model):
     bucket = models.CharField(_("bucket"), max_length=16, db_index=True)
     queue_name = models.CharField(_("queue"), max_length=64)
 
+    # How the activation cache of the template served this job (see CacheOutcome).
+    cache_outcome = models.CharField(_("cache outcome"), max_length=24, blank=True)
+    cache_variant = models.CharField(_("cache variant"), max_length=8, blank=True)
+    cache_key = models.CharField(_("cache key"), max_length=64, blank=True)
+    # Transformer FLOPs this job computed, as a fraction of a full recompute (1.0 without the cache).
+    flop_fraction = models.FloatField(_("FLOP fraction"), null=True, blank=True)
+
     # Milliseconds per phase: load, preprocess, denoise, decode, composite, store.
     timings = models.JSONField(_("timings (ms)"), default=dict, blank=True)
     result = models.FileField(_("result"), upload_to=result_upload_path, blank=True)
@@ -109,3 +116,54 @@ class EditJob(models.Model):
     @property
     def is_final(self) -> bool:
         return self.status in FINAL_STATUSES
+
+    @property
+    def cache_used(self) -> bool | None:
+        if not self.cache_outcome:
+            return None
+        return self.cache_outcome == CacheOutcome.HIT
+
+
+class CacheOutcome(models.TextChoices):
+    HIT = "hit", _("cache hit: only masked tokens computed")
+    MISS_FULL = "miss_full", _("cache miss: full computation, warm-up queued")
+    MISS_WARM_FIRST = "miss_warm_first", _("cache miss: warmed up first, then masked computation")
+    BYPASS = "bypass", _("full computation: the mask covers too much for the cache to help")
+
+
+class CacheWarmup(models.Model):
+    """One full inference on a template with nothing masked, recording its activations in a worker's cache."""
+
+    template = models.ForeignKey(Template, on_delete=models.CASCADE, related_name="warmups")
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    seed = models.BigIntegerField(_("seed"))
+    steps = models.PositiveIntegerField(_("steps"))
+    guidance = models.FloatField(_("guidance"))
+    variant = models.CharField(_("cache variant"), max_length=8)
+
+    status = models.CharField(
+        _("status"), max_length=16, choices=JobStatus.choices, default=JobStatus.QUEUED, db_index=True
+    )
+    progress = models.FloatField(_("progress"), default=0.0)
+    cache_key = models.CharField(_("cache key"), max_length=64, blank=True, db_index=True)
+    cache_bytes = models.BigIntegerField(_("cache size (bytes)"), null=True, blank=True)
+    cache_tier = models.CharField(_("cache tier"), max_length=8, blank=True)
+    worker = models.CharField(_("worker"), max_length=200, blank=True)
+    timings = models.JSONField(_("timings (ms)"), default=dict, blank=True)
+    error = models.TextField(_("error"), blank=True)
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+
+    created_at = models.DateTimeField(_("created at"), auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(_("started at"), null=True, blank=True)
+    finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
+    updated_at = models.DateTimeField(_("updated at"), auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = _("cache warm-up")
+        verbose_name_plural = _("cache warm-ups")
+
+    def __str__(self) -> str:
+        return f"warm-up {self.pk} of template {self.template_id} ({self.status})"

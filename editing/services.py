@@ -41,6 +41,10 @@ def create_template(*, owner, name: str, image: np.ndarray) -> Template:
     )
     template.image.save(f"{uuid.uuid4().hex}.png", ContentFile(imaging.encode_png(image)), save=False)
     template.save()
+    if settings.EDITOR_WARMUP_ON_CREATE:
+        from editing.warmups import request_warmup
+
+        request_warmup(template, requested_by=owner)
     logger.info("template %s created for user %s: %dx%d", template.pk, owner.pk, width, height)
     return template
 

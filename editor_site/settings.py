@@ -174,6 +174,12 @@ EDITOR_BUCKET_EDGES = env_float_list("EDITOR_BUCKET_EDGES", "0.10,0.25,0.50,1.0"
 # A latent token covers 16x16 pixels (VAE factor 8, 2x2 patch packing); the mask is dilated by this
 # many tokens so that content at the edge of the mask is regenerated too.
 EDITOR_MASK_DILATION_TOKENS = env_int("EDITOR_MASK_DILATION_TOKENS", 1, minimum=0)
+# Activation cache: "kv" stores attention keys and values (fastest), "hidden" stores the normalized
+# hidden states entering each attention layer (half the bytes; K and V are recomputed).
+EDITOR_CACHE_VARIANT = env_str("EDITOR_CACHE_VARIANT", "kv")
+if EDITOR_CACHE_VARIANT not in ("kv", "hidden"):
+    raise ImproperlyConfigured(f"EDITOR_CACHE_VARIANT={EDITOR_CACHE_VARIANT!r} must be 'kv' or 'hidden'.")
+EDITOR_WARMUP_ON_CREATE = env_bool("EDITOR_WARMUP_ON_CREATE", True)
 EDITOR_WORKER_HEARTBEAT_S = env_int("EDITOR_WORKER_HEARTBEAT_S", 5, minimum=1)
 
 LOGGING = {

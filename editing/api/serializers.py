@@ -14,7 +14,7 @@ from rest_framework import serializers
 
 from editing import imaging, services
 from editing.api.fields import BoundedFloatField, BoundedIntegerField, echo
-from editing.models import EditJob, Template
+from editing.models import CacheWarmup, EditJob, Template
 
 MAX_SEED = 2**32 - 1
 MAX_GUIDANCE = 100.0
@@ -43,13 +43,36 @@ def decode_template(upload: UploadedFile) -> np.ndarray:
         raise serializers.ValidationError({"image": str(error)}) from None
 
 
+class WarmupSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = CacheWarmup
+        fields = [
+            "id", "template", "status", "progress", "seed", "steps", "guidance", "variant", "cache_key",
+            "cache_bytes", "cache_tier", "worker", "timings", "error", "created_at", "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class WarmupRequestSerializer(serializers.Serializer):
+    seed = BoundedIntegerField(minimum=0, maximum=MAX_SEED, example=42, required=False)
+    steps = BoundedIntegerField(minimum=1, maximum=100, example=20, required=False)
+    guidance = BoundedFloatField(minimum=0.0, maximum=MAX_GUIDANCE, example=30.0, required=False)
+
+
 class TemplateSerializer(serializers.ModelSerializer):
     image_url = serializers.SerializerMethodField()
+    cache = serializers.SerializerMethodField()
 
     class Meta:
         model = Template
-        fields = ["id", "name", "width", "height", "content_hash", "use_count", "image_url", "created_at"]
+        fields = ["id", "name", "width", "height", "content_hash", "use_count", "image_url", "cache", "created_at"]
         read_only_fields = fields
+
+    @extend_schema_field(WarmupSerializer(allow_null=True))
+    def get_cache(self, template: Template) -> dict | None:
+        """The latest warm-up of this template: its state, size and parameters."""
+        latest = template.warmups.first()
+        return WarmupSerializer(latest).data if latest else None
 
     @extend_schema_field(serializers.CharField())
     def get_image_url(self, template: Template) -> str:
@@ -74,13 +97,15 @@ class JobSerializer(serializers.ModelSerializer):
     template = serializers.PrimaryKeyRelatedField(read_only=True)
     queue = serializers.CharField(source="queue_name", read_only=True)
     queue_position = serializers.SerializerMethodField()
+    cache_used = serializers.BooleanField(read_only=True, allow_null=True)
     result_url = serializers.SerializerMethodField()
 
     class Meta:
         model = EditJob
         fields = [
             "id", "template", "prompt", "seed", "steps", "guidance", "status", "progress",
-            "queue_position", "mask_ratio", "bucket", "queue", "timings", "result_url", "error",
+            "queue_position", "mask_ratio", "bucket", "queue", "cache_used", "cache_outcome",
+            "cache_variant", "flop_fraction", "timings", "result_url", "error",
             "cancel_requested", "attempts", "created_at", "started_at", "finished_at",
         ]
         read_only_fields = fields

@@ -14,12 +14,14 @@ from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from editing import services
+from editing import services, warmups
 from editing.api.serializers import (
     JobCreateSerializer,
     JobSerializer,
     TemplateCreateSerializer,
     TemplateSerializer,
+    WarmupRequestSerializer,
+    WarmupSerializer,
 )
 from editing.models import ACTIVE_STATUSES, EditJob, Template
 
@@ -69,6 +71,16 @@ class TemplateViewSet(
                 )
             template.delete()
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(request=WarmupRequestSerializer, responses={202: WarmupSerializer})
+    @action(detail=True, methods=["post"], url_path="warm", url_name="warm", parser_classes=[MultiPartParser, FormParser, JSONParser])
+    def warm(self, request: Request, pk: str | None = None) -> Response:
+        """Queue a warm-up that caches this template's activations for the given job parameters."""
+        template = self.get_object()
+        serializer = WarmupRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        warmup = warmups.request_warmup(template, requested_by=request.user, **serializer.validated_data)
+        return Response(WarmupSerializer(warmup).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(responses={(200, "image/png"): OpenApiResponse(description="The upright template PNG")})
     @action(detail=True, methods=["get"], url_path="image", url_name="image")

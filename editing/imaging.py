@@ -28,15 +28,16 @@ CODE_EMPTY_MASK = "empty_mask"
 
 # A mask pixel is selected when its strength is at least half of full scale: 128 of 255.
 MASK_THRESHOLD_8BIT = 128
-# Integer ITU-R BT.601 luma weights (per mille), the same as Pillow's RGB -> L conversion.
-LUMA_WEIGHTS = (299, 587, 114)
+# ITU-R BT.601 luma weights 0.299, 0.587, 0.114 in 16-bit fixed point (sum 65536), the integer form that
+# Pillow 13's RGB -> L conversion uses, so both round identically.
+LUMA_WEIGHTS = (19595, 38470, 7471)
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 
 class ImageRuleError(ValueError):
-    """Rejected upload: `field` names the form field, `code` the rule, the message is translated text."""
+    """Rejection of an upload: `field` names the form field, `code` the rule, `message` the translated text."""
 
     def __init__(self, field: str, code: str, message: str) -> None:
         super().__init__(message)
@@ -177,7 +178,7 @@ def mask_strength(image: Image.Image) -> np.ndarray:
 def luminance(rgb: np.ndarray) -> np.ndarray:
     """Return the (H, W) uint8 BT.601 luma of an (H, W, 3) uint8 array, rounded like Pillow's `convert("L")`."""
     weighted = rgb.astype(np.uint32) @ np.array(LUMA_WEIGHTS, dtype=np.uint32)
-    return ((weighted + 500) // 1000).astype(np.uint8)
+    return ((weighted + 32768) >> 16).astype(np.uint8)
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -430,7 +431,7 @@ def _dilate_square(mask: np.ndarray, radius: int) -> np.ndarray:
 def _distance_to_mask(mask: np.ndarray, limit: int) -> np.ndarray:
     """Return the (H, W) float32 Euclidean distance of each pixel to the nearest True pixel.
 
-    Distances above `limit` come back as `limit + 1` or more (not exact), which is enough for thresholding.
+    Distances above `limit` are not exact but always come back above `limit`, which is enough for thresholding.
     Works in two steps: the horizontal distance per row, then the minimum of dy^2 + dx^2 over row offsets
     |dy| <= limit, which is exact for every distance up to `limit`.
     """

@@ -29,6 +29,7 @@ from editing.imaging import (  # noqa: E402  (settings must exist before gettext
     encode_png,
     feather_alpha,
     fit_working_size,
+    luminance,
     mask_ratio,
     open_upright,
     pad_to_multiple,
@@ -82,8 +83,8 @@ def _rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 def test_exif_rotated_jpeg_is_upright_and_mask_aligns() -> None:
     # Stored as 64 wide x 40 high with a red block at the stored top-left corner. Orientation 6 means the
-    # viewer rotates it 90 degrees clockwise, so stored pixel (row r, column c) appears upright at
-    # (row c, column 39 - r): the upright image is 40 wide x 64 high with the block at the top-right.
+    # viewer rotates it 90 degrees clockwise. Stored pixel (row r, column c) then appears upright at
+    # (row c, column 39 - r), so the upright image is 40 wide x 64 high with the block at the top-right.
     # The block is aligned to 8x8 JPEG blocks and chroma is not subsampled, so its edges stay sharp.
     stored = np.full((40, 64, 3), 40, dtype=np.uint8)
     stored[0:8, 0:16] = (250, 10, 10)
@@ -426,6 +427,14 @@ def test_composite_is_bit_identical_outside_feather() -> None:
     assert np.array_equal(result[mask], generated[mask])
     band = dilate(mask, 5) & ~mask
     assert not np.array_equal(result[band], original[band])
+
+
+def test_luminance_matches_pillow() -> None:
+    rgb = _rgb(50, 60, seed=5)
+
+    expected = np.asarray(Image.fromarray(rgb).convert("L"))
+
+    assert np.array_equal(luminance(rgb), expected)
 
 
 def test_png_round_trip() -> None:

@@ -1,0 +1,227 @@
+"""Stock Flux Fill edit: full computation over the whole image, then compositing outside the mask."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from editing.imaging import composite, crop_to, dilate, feather_alpha, fit_working_size, pad_to_multiple
+from workers.model_loading import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]
+"""Progress hook called as (steps_done, steps_total) after every denoising step; may raise JobCancelled."""
+
+
+class JobCancelled(Exception):
+    """Raised by a step callback to stop an edit; `run_edit` lets it propagate unchanged."""
+
+
+@dataclass
+class EditRequest:
+    """One edit: the upright image, the region to regenerate and the sampling parameters."""
+
+    image: np.ndarray  # (H, W, 3) uint8, upright
+    mask: np.ndarray  # (H, W) bool, True marks pixels to regenerate
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+
+
+@dataclass
+class EditResult:
+    """The composited image and where the time went."""
+
+    image: np.ndarray  # (H, W, 3) uint8, same size as the request image
+    timings_ms: dict[str, float]  # phases preprocess, denoise, decode, composite, in milliseconds
+    working_size: tuple[int, int]  # (width, height) the model ran at, after downscaling and padding
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """Tunables of the stock edit, read from the environment by `from_env`."""
+
+    max_work_pixels: int = 1024 * 1024  # padded model resolution limit, in pixels
+    feather_px: int = 8  # width of the blend ramp outside the mask, in pixels
+    dilate_px: int = 0  # growth of the mask before feathering, in pixels
+    max_sequence_length: int = 128  # T5 prompt tokens; editing prompts are short
+
+    @classmethod
+    def from_env(cls) -> RunnerSettings:
+        """Read EDITOR_MAX_WORK_PIXELS, EDITOR_FEATHER_PX, EDITOR_MASK_DILATE_PX and EDITOR_MAX_SEQUENCE_LENGTH."""
+        return cls(
+            max_work_pixels=_env_int("EDITOR_MAX_WORK_PIXELS", cls.max_work_pixels, minimum=16 * 16),
+            feather_px=_env_int("EDITOR_FEATHER_PX", cls.feather_px, minimum=0),
+            dilate_px=_env_int("EDITOR_MASK_DILATE_PX", cls.dilate_px, minimum=0),
+            max_sequence_length=_env_int("EDITOR_MAX_SEQUENCE_LENGTH", cls.max_sequence_length, minimum=1),
+        )
+
+    @property
+    def keep_px(self) -> int:
+        """Distance from the mask beyond which output pixels are bit-identical to the input."""
+        return self.dilate_px + self.feather_px
+
+
+@dataclass
+class _WorkingInputs:
+    image: Image.Image  # padded RGB at working resolution
+    mask: Image.Image  # padded L (0 or 255) at working resolution
+    resized: tuple[int, int]  # (width, height) before padding
+    padded: tuple[int, int]  # (width, height) after padding
+
+
+def run_edit(
+    model: LoadedModel,
+    request: EditRequest,
+    on_step: StepCallback | None = None,
+    *,
+    settings: RunnerSettings | None = None,
+) -> EditResult:
+    """Regenerate the masked region of `request.image` with the full Flux Fill pipeline.
+
+    The image is downscaled when its padded size exceeds `settings.max_work_pixels`, padded bottom/right to
+    the pipeline's multiple (16 for Flux), denoised, cropped and upscaled back to the input size. Outside
+    `dilate(mask, dilate_px + feather_px)` every output pixel is a bit-identical copy of the input.
+    Raises ValueError for malformed requests and lets JobCancelled from `on_step` propagate.
+    """
+    settings = settings or RunnerSettings.from_env()
+    _validate(request)
+    timings: dict[str, float] = {}
+    height, width = request.mask.shape
+
+    start = time.perf_counter()
+    multiple = model.pipe.vae_scale_factor * 2
+    inputs = _prepare_inputs(request, settings.max_work_pixels, multiple)
+    timings["preprocess"] = _elapsed_ms(start)
+
+    with model.lock:
+        start = time.perf_counter()
+        latents = _denoise(model, request, inputs, settings, on_step)
+        timings["denoise"] = _elapsed_ms(start)
+
+        start = time.perf_counter()
+        generated = _decode(model, latents, inputs.padded)
+        timings["decode"] = _elapsed_ms(start)
+
+    start = time.perf_counter()
+    generated = crop_to(generated, inputs.resized[1], inputs.resized[0])
+    if inputs.resized != (width, height):
+        generated = np.asarray(Image.fromarray(generated).resize((width, height), Image.Resampling.LANCZOS))
+    region = dilate(request.mask, settings.dilate_px) if settings.dilate_px else request.mask
+    alpha = feather_alpha(region, settings.feather_px)
+    result = composite(request.image, generated, alpha)
+    timings["composite"] = _elapsed_ms(start)
+
+    logger.info(
+        "Edit of %dx%d at working size %dx%d with %d steps: %s",
+        width, height, inputs.padded[0], inputs.padded[1], request.steps,
+        " ".join(f"{phase}={ms:.0f}ms" for phase, ms in timings.items()),
+    )
+    return EditResult(image=result, timings_ms=timings, working_size=inputs.padded)
+
+
+def _validate(request: EditRequest) -> None:
+    image, mask = request.image, request.mask
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"request.image has shape {image.shape} and dtype {image.dtype}; pass (H, W, 3) uint8")
+    if mask.shape != image.shape[:2] or mask.dtype != np.bool_:
+        raise ValueError(
+            f"request.mask has shape {mask.shape} and dtype {mask.dtype}; pass (H, W) bool matching the image "
+            f"{image.shape[:2]}"
+        )
+    if request.steps < 1:
+        raise ValueError(f"request.steps={request.steps} must be at least 1")
+
+
+def _prepare_inputs(request: EditRequest, max_work_pixels: int, multiple: int) -> _WorkingInputs:
+    height, width = request.mask.shape
+    work_width, work_height = fit_working_size(width, height, max_work_pixels, multiple)
+    image = request.image
+    mask = request.mask
+    if (work_width, work_height) != (width, height):
+        image = np.asarray(Image.fromarray(image).resize((work_width, work_height), Image.Resampling.LANCZOS))
+        # Bilinear coverage above zero keeps every partly masked pixel masked, so downscaling never drops a
+        # thin stroke from the region the model regenerates.
+        coverage = Image.fromarray(mask.astype(np.uint8) * 255).resize((work_width, work_height), Image.Resampling.BILINEAR)
+        mask = np.asarray(coverage) > 0
+
+    padded_image, _ = pad_to_multiple(image, multiple)
+    padded_mask, _ = pad_to_multiple(mask, multiple)
+    return _WorkingInputs(
+        image=Image.fromarray(padded_image),
+        mask=Image.fromarray(padded_mask.astype(np.uint8) * 255, mode="L"),
+        resized=(work_width, work_height),
+        padded=(padded_image.shape[1], padded_image.shape[0]),
+    )
+
+
+def _denoise(
+    model: LoadedModel,
+    request: EditRequest,
+    inputs: _WorkingInputs,
+    settings: RunnerSettings,
+    on_step: StepCallback | None,
+) -> torch.Tensor:
+    """Run prompt encoding, masked-image encoding and all denoising steps; return packed latents (1, L, 64)."""
+
+    def step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        if on_step is not None:
+            on_step(step + 1, pipe.num_timesteps)
+        return callback_kwargs
+
+    # Seeding a CPU generator gives the same noise on every device for the same seed.
+    generator = torch.Generator(device="cpu").manual_seed(request.seed)
+    with torch.inference_mode():
+        output = model.pipe(
+            prompt=request.prompt,
+            image=inputs.image,
+            mask_image=inputs.mask,
+            width=inputs.padded[0],
+            height=inputs.padded[1],
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            generator=generator,
+            max_sequence_length=settings.max_sequence_length,
+            output_type="latent",
+            callback_on_step_end=step_end,
+        )
+    return output.images
+
+
+def _decode(model: LoadedModel, latents: torch.Tensor, padded: tuple[int, int]) -> np.ndarray:
+    """Decode packed latents to an (H, W, 3) uint8 image at the padded working size."""
+    pipe = model.pipe
+    width, height = padded
+    with torch.inference_mode():
+        unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        unpacked = unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        decoded = pipe.vae.decode(unpacked.to(pipe.vae.dtype), return_dict=False)[0]
+        pixels = pipe.image_processor.postprocess(decoded, output_type="np")[0]
+    return np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+
+
+def _elapsed_ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+def _env_int(name: str, default: int, *, minimum: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer; set it to a whole number such as {default}") from None
+    if value < minimum:
+        raise ValueError(f"{name}={value} is below the minimum {minimum}; set it to {minimum} or more")
+    return value

@@ -174,10 +174,17 @@ class FrequencyHistory:
 class WTinyLfuPolicy(EvictionPolicy):
     """W-TinyLFU: LRU window, then a segmented LRU main region guarded by a frequency duel.
 
-    `capacity_bytes` is the memory budget the store enforces; the window gets `window_fraction` of
+    `capacity_bytes` is the memory budget the store enforces. The window gets `window_fraction` of
     it and the protected segment `protected_fraction` of the main region. `aging_period` defaults
-    to 10 requests per resident entry (TinyLFU's sample size), estimated from the entries seen.
+    to `AGING_REQUESTS_PER_ENTRY` requests per resident entry, estimated from the entry sizes seen.
+
+    Defaults come from a sweep on the traces of bench/cache_policy.py (window 1-20 %, aging 10-40
+    requests per entry, docs/cache.md). With 10 requests per entry, a burst of one-off templates
+    longer than the aging period halves hot counts to 0, and a one-off with count 1 wins the duel. With 40, a burst shorter than 40 x the resident entry count
+    halves hot counts at most once.
     """
+
+    AGING_REQUESTS_PER_ENTRY = 40
 
     name = "wtinylfu"
 
@@ -185,7 +192,7 @@ class WTinyLfuPolicy(EvictionPolicy):
         self,
         capacity_bytes: int,
         *,
-        window_fraction: float = 0.01,
+        window_fraction: float = 0.05,
         protected_fraction: float = 0.8,
         aging_period: int | None = None,
     ) -> None:
@@ -310,7 +317,7 @@ class WTinyLfuPolicy(EvictionPolicy):
             return
         mean_size = self._size_total / self._size_count
         resident_estimate = max(1, int(self.capacity_bytes / mean_size))
-        self._history.aging_period = max(64, 10 * resident_estimate)
+        self._history.aging_period = max(64, self.AGING_REQUESTS_PER_ENTRY * resident_estimate)
 
 
 def create_policy(name: str, capacity_bytes: int) -> EvictionPolicy:

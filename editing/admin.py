@@ -1,22 +1,243 @@
-from django.contrib import admin
+"""Admin pages for templates, edit jobs and cache warm-ups.
 
-from editing.models import EditJob, Template
+Stored images are private to their owners and the API serves them to owners only, so the admin
+serves its own thumbnails through views that require staff access to the object.
+"""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import FileResponse, Http404, HttpRequest
+from django.template.defaultfilters import filesizeformat
+from django.urls import path, reverse
+from django.utils.html import format_html, format_html_join
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
+
+from editing import warmups
+from editing.models import CacheWarmup, EditJob, Template
+from editing.pages import cache_outcome_label, phase_timings, total_text
+
+THUMBNAIL_LIST_PX = 96
+THUMBNAIL_DETAIL_PX = 480
+
+
+def image_response(field_file, *, filename: str) -> FileResponse:
+    if not field_file:
+        raise Http404(_("There is no stored image."))
+    try:
+        handle = field_file.open("rb")
+    except FileNotFoundError:
+        raise Http404(_("The stored image %(name)s is missing.") % {"name": field_file.name}) from None
+    return FileResponse(handle, content_type="image/png", filename=filename)
+
+
+def thumbnail(url: str, alt: str, *, width: int, height: int, box_px: int) -> str:
+    """An <img> of an image of `width` x `height` pixels, scaled down to fit a `box_px` square."""
+    scale = min(1.0, box_px / max(width, height, 1))
+    return format_html(
+        '<img src="{}" alt="{}" width="{}" height="{}" loading="lazy">',
+        url, alt, max(1, round(width * scale)), max(1, round(height * scale)),
+    )
+
+
+def timings_table(timings: dict | None) -> str:
+    """Render per-phase timings as an HTML table, pipeline order first, with the total."""
+    rows = phase_timings(timings)
+    if not rows:
+        return "—"
+    body = format_html_join("", "<tr><th scope=\"row\">{}</th><td>{}</td></tr>", ((row.label, row.text) for row in rows))
+    return format_html(
+        '<table class="phase-timings"><tbody>{}<tr><th scope="row">{}</th><td><strong>{}</strong></td></tr></tbody></table>',
+        body, _("total"), total_text(rows),
+    )
+
+
+def timings_summary(timings: dict | None) -> str:
+    """One line for list pages: "denoise 3.4 s · total 4.1 s"."""
+    rows = phase_timings(timings)
+    if not rows:
+        return "—"
+    slowest = max(rows, key=lambda row: row.milliseconds)
+    return _("%(phase)s %(duration)s · total %(total)s") % {
+        "phase": slowest.label, "duration": slowest.text, "total": total_text(rows),
+    }
 
 
 @admin.register(Template)
 class TemplateAdmin(admin.ModelAdmin):
-    list_display = ["id", "name", "owner", "width", "height", "use_count", "created_at"]
+    list_display = ["id", "thumbnail_list", "name", "owner", "size", "use_count", "cache_state", "created_at"]
+    list_display_links = ["id", "thumbnail_list", "name"]
     list_filter = ["owner"]
     search_fields = ["name", "content_hash"]
-    readonly_fields = ["width", "height", "content_hash", "use_count", "created_at", "updated_at"]
+    readonly_fields = [
+        "thumbnail_detail", "size", "width", "height", "content_hash", "use_count", "cache_state",
+        "created_at", "updated_at",
+    ]
+    fields = ["name", "owner", "thumbnail_detail", "size", "content_hash", "use_count", "cache_state", "created_at", "updated_at"]
+    actions = ["warm_cache"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # Templates are uploaded through the API, which decodes, orients and measures the image.
+        return False
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Template]:
+        return super().get_queryset(request).select_related("owner").prefetch_related("warmups")
+
+    def get_urls(self):
+        urls = [
+            path(
+                "<int:template_id>/image/",
+                self.admin_site.admin_view(self.image_view),
+                name="editing_template_image",
+            ),
+        ]
+        return urls + super().get_urls()
+
+    def image_view(self, request: HttpRequest, template_id: int) -> FileResponse:
+        template = self.get_object(request, str(template_id))
+        if template is None or not self.has_view_permission(request, template):
+            raise Http404(_("Template %(id)s was not found.") % {"id": template_id})
+        return image_response(template.image, filename=f"template-{template.pk}.png")
+
+    def image_url(self, template: Template) -> str:
+        return reverse("admin:editing_template_image", args=[template.pk])
+
+    @admin.display(description=gettext_lazy("image"))
+    def thumbnail_list(self, template: Template) -> str:
+        return thumbnail(
+            self.image_url(template), template.name, width=template.width, height=template.height, box_px=THUMBNAIL_LIST_PX
+        )
+
+    @admin.display(description=gettext_lazy("image"))
+    def thumbnail_detail(self, template: Template) -> str:
+        if not template.pk:
+            return "—"
+        return thumbnail(
+            self.image_url(template), template.name, width=template.width, height=template.height, box_px=THUMBNAIL_DETAIL_PX
+        )
+
+    @admin.display(description=gettext_lazy("size (px)"), ordering="width")
+    def size(self, template: Template) -> str:
+        return f"{template.width} × {template.height}"
+
+    @admin.display(description=gettext_lazy("cache"))
+    def cache_state(self, template: Template) -> str:
+        """State of the template's latest cache warm-up: status, tier and size."""
+        # Uses the prefetched warm-ups, newest first by the model's ordering.
+        latest = next(iter(template.warmups.all()), None)
+        if latest is None:
+            return _("not warmed up")
+        parts = [latest.get_status_display()]
+        if latest.cache_tier:
+            parts.append(latest.cache_tier)
+        if latest.cache_bytes:
+            parts.append(filesizeformat(latest.cache_bytes))
+        if latest.variant:
+            parts.append(latest.variant)
+        return " · ".join(str(part) for part in parts)
+
+    @admin.action(description=gettext_lazy("Warm the cache of the selected templates"))
+    def warm_cache(self, request: HttpRequest, queryset: QuerySet[Template]) -> None:
+        count = 0
+        for template in queryset:
+            warmups.request_warmup(template, requested_by=request.user)
+            count += 1
+        self.message_user(
+            request, _("Queued cache warm-ups for %(count)d templates.") % {"count": count}, messages.SUCCESS
+        )
 
 
 @admin.register(EditJob)
 class EditJobAdmin(admin.ModelAdmin):
-    list_display = ["id", "owner", "template", "status", "progress", "mask_ratio", "bucket", "created_at"]
-    list_filter = ["status", "bucket", "template"]
-    search_fields = ["id", "prompt"]
-    readonly_fields = [
-        "status", "progress", "mask_ratio", "bucket", "queue_name", "timings", "result", "error",
-        "worker", "attempts", "created_at", "started_at", "finished_at", "updated_at",
+    list_display = [
+        "id", "owner", "template", "status", "progress_percent", "mask_ratio", "bucket", "cache_outcome_text",
+        "timings_summary", "created_at",
     ]
+    list_filter = ["status", "bucket", "template", "cache_outcome"]
+    list_select_related = ["owner", "template"]
+    search_fields = ["id", "prompt"]
+    date_hierarchy = "created_at"
+    readonly_fields = [
+        "result_preview", "status", "progress", "mask_ratio", "bucket", "queue_name", "cache_outcome",
+        "cache_variant", "cache_key", "flop_fraction", "timings_table", "result", "error", "worker",
+        "attempts", "created_at", "started_at", "finished_at", "updated_at",
+    ]
+    exclude = ["timings"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # Jobs are submitted through the API, which validates the mask and queues the job.
+        return False
+
+    def get_urls(self):
+        urls = [
+            path(
+                "<uuid:job_id>/<str:kind>.png",
+                self.admin_site.admin_view(self.image_view),
+                name="editing_editjob_image",
+            ),
+        ]
+        return urls + super().get_urls()
+
+    def image_view(self, request: HttpRequest, job_id, kind: str) -> FileResponse:
+        job = self.get_object(request, str(job_id))
+        if job is None or not self.has_view_permission(request, job) or kind not in ("mask", "result"):
+            raise Http404(_("Job %(id)s was not found.") % {"id": job_id})
+        return image_response(getattr(job, kind), filename=f"{kind}-{job.pk}.png")
+
+    @admin.display(description=gettext_lazy("progress"), ordering="progress")
+    def progress_percent(self, job: EditJob) -> str:
+        return f"{job.progress * 100:.0f}%"
+
+    @admin.display(description=gettext_lazy("cache outcome"), ordering="cache_outcome")
+    def cache_outcome_text(self, job: EditJob) -> str:
+        return cache_outcome_label(job.cache_outcome) if job.cache_outcome else "—"
+
+    @admin.display(description=gettext_lazy("timings"))
+    def timings_summary(self, job: EditJob) -> str:
+        return timings_summary(job.timings)
+
+    @admin.display(description=gettext_lazy("timings"))
+    def timings_table(self, job: EditJob) -> str:
+        return timings_table(job.timings)
+
+    @admin.display(description=gettext_lazy("mask and result"))
+    def result_preview(self, job: EditJob) -> str:
+        if not job.pk:
+            return "—"
+        # Masks and results have the template's size.
+        size = {"width": job.template.width, "height": job.template.height, "box_px": THUMBNAIL_DETAIL_PX}
+        images = [thumbnail(reverse("admin:editing_editjob_image", args=[job.pk, "mask"]), _("mask"), **size)]
+        if job.result:
+            images.append(thumbnail(reverse("admin:editing_editjob_image", args=[job.pk, "result"]), _("result"), **size))
+        return format_html_join(" ", "{}", ((image,) for image in images))
+
+
+@admin.register(CacheWarmup)
+class CacheWarmupAdmin(admin.ModelAdmin):
+    list_display = ["id", "template", "status", "variant", "cache_tier", "cache_size", "timings_summary", "created_at"]
+    list_filter = ["status", "variant", "cache_tier"]
+    list_select_related = ["template"]
+    readonly_fields = [
+        "template", "requested_by", "seed", "steps", "guidance", "variant", "status", "progress", "cache_key",
+        "cache_bytes", "cache_tier", "worker", "timings_table", "error", "attempts", "created_at", "started_at",
+        "finished_at", "updated_at",
+    ]
+    exclude = ["timings"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # Warm-ups are queued through the template action or the API, which also enqueue the task.
+        return False
+
+    @admin.display(description=gettext_lazy("cache size"), ordering="cache_bytes")
+    def cache_size(self, warmup: CacheWarmup) -> str:
+        return filesizeformat(warmup.cache_bytes) if warmup.cache_bytes else "—"
+
+    @admin.display(description=gettext_lazy("timings"))
+    def timings_summary(self, warmup: CacheWarmup) -> str:
+        return timings_summary(warmup.timings)
+
+    @admin.display(description=gettext_lazy("timings"))
+    def timings_table(self, warmup: CacheWarmup) -> str:
+        return timings_table(warmup.timings)

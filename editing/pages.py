@@ -20,15 +20,15 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
 from editing.api.serializers import JobSerializer
-from editing.models import EditJob, JobStatus
+from editing.models import CacheOutcome, EditJob, JobStatus
 
 logger = logging.getLogger(__name__)
 
 HISTORY_PAGE_SIZE = 20
 # Guidance the API applies when a request leaves it out.
 DEFAULT_GUIDANCE = 30.0
-# Job fields describing the activation cache. Shown on the history page when the API returns them.
-CACHE_FIELDS = ("cache_used", "cache_variant", "cache_outcome")
+# Job fields describing the activation cache, shown when the job API returns them.
+CACHE_FIELDS = ("cache_used", "cache_outcome", "cache_variant", "flop_fraction")
 
 PHASE_LABELS = {
     "load": gettext_lazy("load"),
@@ -93,6 +93,7 @@ class HistoryRow:
     steps: int
     guidance: float
     mask_ratio: float
+    mask_percent: str  # mask_ratio as a percentage with one decimal, "12.5"
     bucket: str
     template_id: int
     template_name: str
@@ -106,11 +107,16 @@ class HistoryRow:
     rerun_url: str = ""
 
 
+def duration_messages() -> dict[str, str]:
+    return {"duration_ms": _("%(value)s ms"), "duration_s": _("%(value)s s")}
+
+
 def format_milliseconds(milliseconds: float) -> str:
     """Format a duration as "850 ms" below one second and "3.4 s" from one second up."""
-    if milliseconds < 1000:
-        return _("%(value)d ms") % {"value": round(milliseconds)}
-    return _("%(value).1f s") % {"value": milliseconds / 1000}
+    messages = duration_messages()
+    if round(milliseconds) < 1000:
+        return messages["duration_ms"] % {"value": round(milliseconds)}
+    return messages["duration_s"] % {"value": f"{milliseconds / 1000:.1f}"}
 
 
 def phase_timings(timings: dict[str, float] | None) -> list[PhaseTiming]:
@@ -137,13 +143,26 @@ def total_text(rows: list[PhaseTiming]) -> str:
     return format_milliseconds(sum(row.milliseconds for row in rows))
 
 
-def cache_info(data: dict) -> list[CacheInfo]:
-    """Describe the cache fields that the job API returns; empty when it returns none."""
-    labels = {
+def cache_labels() -> dict[str, str]:
+    return {
         "cache_used": _("cache used"),
-        "cache_variant": _("cache variant"),
         "cache_outcome": _("cache outcome"),
+        "cache_variant": _("cache variant"),
+        "flop_fraction": _("computed FLOPs"),
     }
+
+
+def cache_outcome_label(outcome: str) -> str:
+    """The translated description of a cache outcome; unknown values are shown as they are."""
+    try:
+        return str(CacheOutcome(outcome).label)
+    except ValueError:
+        return outcome
+
+
+def cache_info(data: dict) -> list[CacheInfo]:
+    """Describe the cache fields of a job as the API returns it; empty when it has none."""
+    labels = cache_labels()
     info = []
     for name in CACHE_FIELDS:
         value = data.get(name)
@@ -151,6 +170,10 @@ def cache_info(data: dict) -> list[CacheInfo]:
             continue
         if isinstance(value, bool):
             text = _("yes") if value else _("no")
+        elif name == "cache_outcome":
+            text = cache_outcome_label(str(value))
+        elif name == "flop_fraction":
+            text = _("%(percent)s%% of a full run") % {"percent": f"{float(value) * 100:.1f}"}
         else:
             text = str(value)
         info.append(CacheInfo(labels[name], text))
@@ -215,8 +238,16 @@ def browser_messages() -> dict[str, str]:
             "network_error": _("The server could not be reached; retrying…"),
             "request_failed": _("The request failed with HTTP status %(status)s."),
             "field_error": _("%(field)s: %(message)s"),
+            "total": _("total"),
+            "yes": _("yes"),
+            "no": _("no"),
         }
     )
+    messages.update({f"phase_{phase}": str(label) for phase, label in PHASE_LABELS.items()})
+    messages.update(duration_messages())
+    messages.update(cache_labels())
+    messages.update({f"cache_outcome_{outcome.value}": str(outcome.label) for outcome in CacheOutcome})
+    messages["flop_fraction_value"] = _("%(percent)s%% of a full run")
     return messages
 
 
@@ -255,6 +286,7 @@ def history_row(job: EditJob) -> HistoryRow:
         steps=job.steps,
         guidance=job.guidance,
         mask_ratio=job.mask_ratio,
+        mask_percent=f"{job.mask_ratio * 100:.1f}",
         bucket=job.bucket,
         template_id=job.template_id,
         template_name=job.template.name,

@@ -1,0 +1,375 @@
+// The editor page: template gallery and upload, mask painting, job submission, progress and result.
+
+import { ApiError, clearErrors, format, request, setError, showErrors } from "./api.js";
+import { watchJob } from "./job_monitor.js";
+import { MaskCanvas, TOOLS } from "./mask_canvas.js";
+import { ResultView } from "./result_view.js";
+
+const config = JSON.parse(document.getElementById("editor-config").textContent);
+const messages = JSON.parse(document.getElementById("editor-messages").textContent);
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  template: null, // {id, name, width, height, image_url}
+  templates: new Map(), // id -> template
+  nextTemplatesUrl: null,
+  job: null,
+  watcher: null,
+};
+
+const mask = new MaskCanvas(
+  {
+    stage: $("stage"),
+    image: $("stage-image"),
+    canvas: $("mask-canvas"),
+    scroller: $("stage-scroller"),
+    cursor: $("brush-cursor"),
+    rectanglePreview: $("rectangle-preview"),
+  },
+  onMaskChange,
+);
+const result = new ResultView({
+  panel: $("result-panel"),
+  before: $("compare-before"),
+  after: $("compare-after"),
+  afterImage: $("compare-after-image"),
+  divider: $("compare-divider"),
+  slider: $("compare-slider"),
+  toggle: $("compare-toggle"),
+  download: $("result-download"),
+  timings: $("result-timings"),
+  messages,
+});
+
+// --- Template gallery and upload.
+
+async function loadTemplates(url) {
+  const gallery = $("gallery");
+  gallery.setAttribute("aria-busy", "true");
+  $("gallery-status").textContent = messages.loading_templates;
+  try {
+    const page = await request("GET", url);
+    for (const template of page.results) addTemplate(template, false);
+    state.nextTemplatesUrl = page.next;
+    $("gallery-status").textContent = state.templates.size ? "" : messages.no_templates;
+  } catch (error) {
+    showErrors($("template-panel"), error, messages, "template");
+    $("gallery-status").textContent = "";
+  } finally {
+    gallery.setAttribute("aria-busy", "false");
+    $("gallery-more").hidden = !state.nextTemplatesUrl;
+  }
+}
+
+function addTemplate(template, first) {
+  if (state.templates.has(template.id)) return;
+  state.templates.set(template.id, template);
+  const item = document.createElement("div");
+  item.setAttribute("role", "listitem");
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "gallery-item";
+  button.dataset.templateId = template.id;
+  button.setAttribute("aria-pressed", "false");
+  const image = document.createElement("img");
+  image.src = template.image_url;
+  image.alt = "";
+  image.loading = "lazy";
+  const name = document.createElement("span");
+  name.className = "gallery-name";
+  name.textContent = template.name;
+  const size = document.createElement("span");
+  size.className = "gallery-size";
+  size.textContent = format(messages.template_size, { width: template.width, height: template.height });
+  button.append(image, name, size);
+  button.addEventListener("click", () => selectTemplate(template));
+  item.append(button);
+  const gallery = $("gallery");
+  if (first) gallery.prepend(item);
+  else gallery.append(item);
+}
+
+async function selectTemplate(template) {
+  state.template = template;
+  for (const button of document.querySelectorAll(".gallery-item")) {
+    button.setAttribute("aria-pressed", String(Number(button.dataset.templateId) === template.id));
+  }
+  clearErrors($("template-panel"));
+  $("gallery-status").textContent = format(messages.template_selected, { name: template.name });
+  $("stage-empty").hidden = true;
+  try {
+    await mask.load(template.image_url, template.width, template.height);
+  } catch {
+    setError($("mask-panel"), $("mask-error"), messages.image_load_failed);
+  }
+  onMaskChange();
+}
+
+async function uploadTemplate(event) {
+  event.preventDefault();
+  const form = $("upload-form");
+  clearErrors(form);
+  const file = $("upload-image").files[0];
+  if (!file) {
+    setError(form, $("image-error"), messages.no_file);
+    $("upload-image").focus();
+    return;
+  }
+  const body = new FormData();
+  body.append("image", file);
+  body.append("name", $("upload-name").value.trim());
+  $("upload-submit").disabled = true;
+  $("upload-status").textContent = messages.uploading;
+  try {
+    const template = await request("POST", config.templates_url, body);
+    addTemplate(template, true);
+    $("gallery-status").textContent = "";
+    form.reset();
+    $("upload-status").textContent = format(messages.uploaded, { name: template.name });
+    await selectTemplate(template);
+  } catch (error) {
+    $("upload-status").textContent = "";
+    showErrors(form, error, messages, "upload-general");
+  } finally {
+    $("upload-submit").disabled = false;
+  }
+}
+
+// --- Mask tools.
+
+function onMaskChange() {
+  $("mask-undo").disabled = !mask.canUndo;
+  $("mask-redo").disabled = !mask.canRedo;
+  $("zoom-level").textContent = format(messages.zoom_level, { percent: Math.round(mask.zoom * 100) });
+  if (mask.loaded) {
+    const percent = (mask.coverage() * 100).toFixed(1);
+    $("mask-coverage").textContent = format(messages.mask_coverage, { percent });
+  } else {
+    $("mask-coverage").textContent = "";
+  }
+}
+
+function setTool(tool) {
+  mask.setTool(tool);
+  const radio = document.querySelector(`input[name="mask-tool"][value="${tool}"]`);
+  if (radio) radio.checked = true;
+  $("mask-canvas").dataset.tool = tool;
+}
+
+function setBrushSize(size) {
+  const slider = $("brush-size");
+  const clamped = Math.min(Number(slider.max), Math.max(Number(slider.min), Math.round(size)));
+  slider.value = clamped;
+  $("brush-size-number").value = clamped;
+  mask.setBrushSize(clamped);
+}
+
+function bindMaskTools() {
+  for (const radio of document.querySelectorAll('input[name="mask-tool"]')) {
+    radio.addEventListener("change", () => setTool(radio.value));
+  }
+  $("brush-size").addEventListener("input", (event) => setBrushSize(Number(event.target.value)));
+  $("brush-size-number").addEventListener("change", (event) => setBrushSize(Number(event.target.value)));
+  $("mask-undo").addEventListener("click", () => mask.undo());
+  $("mask-redo").addEventListener("click", () => mask.redo());
+  $("mask-clear").addEventListener("click", () => mask.clear());
+  $("mask-invert").addEventListener("click", () => mask.invert());
+  $("zoom-in").addEventListener("click", () => mask.zoomIn());
+  $("zoom-out").addEventListener("click", () => mask.zoomOut());
+  $("zoom-fit").addEventListener("click", () => mask.zoomToFit());
+  $("zoom-actual").addEventListener("click", () => mask.setZoom(1));
+  document.addEventListener("keydown", onShortcut);
+  setTool("brush");
+  setBrushSize(Number($("brush-size").value));
+}
+
+/** Keyboard shortcuts, ignored while typing in a text field. */
+function onShortcut(event) {
+  const target = event.target;
+  const typing = target.matches && target.matches("textarea, input:not([type=radio]):not([type=range]):not([type=checkbox]), select");
+  if (typing || event.altKey) return;
+  const key = event.key.toLowerCase();
+  const control = event.ctrlKey || event.metaKey;
+  if (control && key === "z" && !event.shiftKey) {
+    mask.undo();
+  } else if (control && (key === "y" || (key === "z" && event.shiftKey))) {
+    mask.redo();
+  } else if (control) {
+    return;
+  } else if (key === "b") {
+    setTool(TOOLS[0]);
+  } else if (key === "e") {
+    setTool(TOOLS[1]);
+  } else if (key === "r") {
+    setTool(TOOLS[2]);
+  } else if (key === "[") {
+    setBrushSize(mask.brushSize * 0.8);
+  } else if (key === "]") {
+    setBrushSize(mask.brushSize * 1.25 + 1);
+  } else if (key === "+" || key === "=") {
+    mask.zoomIn();
+  } else if (key === "-") {
+    mask.zoomOut();
+  } else {
+    return;
+  }
+  event.preventDefault();
+}
+
+// --- Job submission, progress and result.
+
+async function submitJob(event) {
+  event.preventDefault();
+  clearErrors(document.body);
+  if (!state.template) {
+    setError($("template-panel"), $("template-error"), messages.no_template);
+    $("template-heading").scrollIntoView();
+    return;
+  }
+  if (mask.coverage() === 0) {
+    setError($("mask-panel"), $("mask-error"), messages.empty_mask);
+    $("stage-scroller").focus();
+    return;
+  }
+  const body = new FormData();
+  body.append("template", String(state.template.id));
+  body.append("mask", await mask.toPngBlob(), "mask.png");
+  body.append("prompt", $("prompt").value);
+  for (const name of ["seed", "steps", "guidance"]) {
+    const value = $(name).value.trim();
+    if (value !== "") body.append(name, value);
+  }
+  $("job-submit").disabled = true;
+  $("job-message").textContent = messages.submitting;
+  try {
+    const job = await request("POST", config.jobs_url, body);
+    startWatching(job);
+  } catch (error) {
+    $("job-message").textContent = "";
+    showErrorsOnPage(error);
+    $("job-submit").disabled = false;
+  }
+}
+
+/** Show job-creation errors: each field's message goes to the panel holding that field. */
+function showErrorsOnPage(error) {
+  showErrors(document.body, error, messages, "general");
+  const first = document.querySelector("[data-error-for]:not([hidden])");
+  if (first) first.scrollIntoView({ block: "center" });
+}
+
+function startWatching(job) {
+  if (state.watcher) state.watcher.stop();
+  state.job = job;
+  result.hide();
+  $("job-panel").hidden = false;
+  $("job-cancel").disabled = false;
+  $("job-message").textContent = "";
+  renderJob(job, null);
+  $("job-panel").scrollIntoView({ block: "nearest" });
+  state.watcher = watchJob(`${config.jobs_url}${job.id}/`, {
+    onUpdate: renderJob,
+    onFinal: finishJob,
+    onNetworkError: (error) => {
+      const text = error.status ? format(messages.request_failed, { status: error.status }) : messages.network_error;
+      $("job-message").textContent = text;
+    },
+  });
+}
+
+function renderJob(job, secondsLeft) {
+  state.job = job;
+  $("job-panel").dataset.status = job.status;
+  $("job-status").textContent = messages[`status_${job.status}`] || job.status;
+  if (job.status === "queued" && job.queue_position !== null && job.queue_position !== undefined) {
+    $("job-queue").textContent = job.queue_position === 0
+      ? messages.queue_next
+      : format(messages.queue_position, { position: job.queue_position });
+  } else {
+    $("job-queue").textContent = "—";
+  }
+  const percent = Math.round(job.progress * 100);
+  $("job-progress").value = percent;
+  $("job-progress-text").textContent = `${percent}%`;
+  const step = Math.round(job.progress * job.steps);
+  $("job-step").textContent = format(messages.step_of, { step, steps: job.steps });
+  $("job-eta").textContent = timeLeftText(job, secondsLeft);
+  if (job.cancel_requested && job.status === "running") $("job-message").textContent = messages.cancel_requested;
+  else if (job.status === "running" || job.status === "queued") $("job-message").textContent = "";
+}
+
+function timeLeftText(job, secondsLeft) {
+  if (job.status !== "running") return "—";
+  if (secondsLeft === null) return messages.estimating;
+  if (secondsLeft < 90) return format(messages.time_left_seconds, { seconds: Math.max(1, Math.ceil(secondsLeft)) });
+  return format(messages.time_left_minutes, { minutes: Math.ceil(secondsLeft / 60) });
+}
+
+function finishJob(job) {
+  state.watcher = null;
+  $("job-submit").disabled = false;
+  $("job-cancel").disabled = true;
+  $("job-eta").textContent = "—";
+  if (job.status === "succeeded") {
+    $("job-message").textContent = messages.job_succeeded;
+    result.show(job, state.template);
+  } else if (job.status === "failed") {
+    $("job-message").textContent = format(messages.job_failed, { error: job.error });
+  } else {
+    $("job-message").textContent = messages.job_cancelled;
+  }
+}
+
+async function cancelJob() {
+  if (!state.job) return;
+  $("job-cancel").disabled = true;
+  try {
+    const job = await request("POST", `${config.jobs_url}${state.job.id}/cancel/`);
+    renderJob(job, null);
+    $("job-message").textContent = messages.cancel_requested;
+  } catch (error) {
+    // 409 means the job finished meanwhile; the poller reports its final status.
+    if (!(error instanceof ApiError && error.status === 409)) {
+      $("job-message").textContent = error.body?.detail || format(messages.request_failed, { status: error.status });
+      $("job-cancel").disabled = false;
+    }
+  }
+}
+
+// --- Re-run of an earlier job from the history page.
+
+async function applyPrefill(prefill) {
+  let template = state.templates.get(prefill.template_id);
+  if (!template) {
+    try {
+      template = await request("GET", `${config.templates_url}${prefill.template_id}/`);
+      addTemplate(template, true);
+    } catch {
+      setError($("template-panel"), $("template-error"), format(messages.template_missing, { id: prefill.template_id }));
+      return;
+    }
+  }
+  await selectTemplate(template);
+  try {
+    await mask.loadMask(prefill.mask_url);
+    $("upload-status").textContent = messages.mask_loaded;
+  } catch {
+    setError($("mask-panel"), $("mask-error"), messages.mask_load_failed);
+  }
+}
+
+// --- Start.
+
+async function start() {
+  bindMaskTools();
+  $("upload-form").addEventListener("submit", uploadTemplate);
+  $("gallery-more").addEventListener("click", () => loadTemplates(state.nextTemplatesUrl));
+  $("job-form").addEventListener("submit", submitJob);
+  $("job-cancel").addEventListener("click", cancelJob);
+  onMaskChange();
+  await loadTemplates(config.templates_url);
+  if (config.prefill) await applyPrefill(config.prefill);
+  document.body.dataset.editorReady = "true";
+}
+
+start();

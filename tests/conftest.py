@@ -102,6 +102,7 @@ def worker_env(redis_url: str, media_root: Path, test_model_path: Path, transact
             "DATABASE_URL": database_url(),
             "EDITOR_MEDIA_ROOT": str(media_root),
             "EDITOR_MODEL": str(test_model_path),
+            "EDITOR_CACHE_DIR": str(media_root.parent / "activation-cache"),
             "PYTHONUNBUFFERED": "1",
         }
     )

@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 from editing.imaging import composite, crop_to, dilate, feather_alpha, fit_working_size, pad_to_multiple
+from workers.masked.activations import TemplateActivations
+from workers.masked.edit import run_cached_edit
 from workers.model_loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -55,15 +57,18 @@ class RunnerSettings:
     feather_px: int = 8  # width of the blend ramp outside the mask, in pixels
     dilate_px: int = 0  # growth of the mask before feathering, in pixels
     max_sequence_length: int = 128  # T5 prompt tokens; editing prompts are short
+    dilation_tokens: int = 1  # growth of the recomputed token region around the mask, in tokens
 
     @classmethod
     def from_env(cls) -> RunnerSettings:
-        """Read EDITOR_MAX_WORK_PIXELS, EDITOR_FEATHER_PX, EDITOR_MASK_DILATE_PX and EDITOR_MAX_SEQUENCE_LENGTH."""
+        """Read EDITOR_MAX_WORK_PIXELS, EDITOR_FEATHER_PX, EDITOR_MASK_DILATE_PX, EDITOR_MAX_SEQUENCE_LENGTH
+        and EDITOR_MASK_DILATION_TOKENS."""
         return cls(
             max_work_pixels=_env_int("EDITOR_MAX_WORK_PIXELS", cls.max_work_pixels, minimum=16 * 16),
             feather_px=_env_int("EDITOR_FEATHER_PX", cls.feather_px, minimum=0),
             dilate_px=_env_int("EDITOR_MASK_DILATE_PX", cls.dilate_px, minimum=0),
             max_sequence_length=_env_int("EDITOR_MAX_SEQUENCE_LENGTH", cls.max_sequence_length, minimum=1),
+            dilation_tokens=_env_int("EDITOR_MASK_DILATION_TOKENS", cls.dilation_tokens, minimum=0),
         )
 
     @property
@@ -73,7 +78,7 @@ class RunnerSettings:
 
 
 @dataclass
-class _WorkingInputs:
+class WorkingInputs:
     image: Image.Image  # padded RGB at working resolution
     mask: Image.Image  # padded L (0 or 255) at working resolution
     resized: tuple[int, int]  # (width, height) before padding
@@ -86,12 +91,15 @@ def run_edit(
     on_step: StepCallback | None = None,
     *,
     settings: RunnerSettings | None = None,
+    activations: TemplateActivations | None = None,
 ) -> EditResult:
     """Regenerate the masked region of `request.image` with the full Flux Fill pipeline.
 
     The image is downscaled when its padded size exceeds `settings.max_work_pixels`, padded bottom/right to
     the pipeline's multiple (16 for Flux), denoised, cropped and upscaled back to the input size. Outside
     `dilate(mask, dilate_px + feather_px)` every output pixel is a bit-identical copy of the input.
+    With `activations` (a warm-up of this template at the same working size, seed, steps and guidance)
+    only the masked tokens are computed and the rest is read from the cache.
     Raises ValueError for malformed requests and lets JobCancelled from `on_step` propagate.
     """
     settings = settings or RunnerSettings.from_env()
@@ -101,17 +109,22 @@ def run_edit(
 
     start = time.perf_counter()
     multiple = model.pipe.vae_scale_factor * 2
-    inputs = _prepare_inputs(request, settings.max_work_pixels, multiple)
+    inputs = prepare_working_inputs(request.image, request.mask, settings.max_work_pixels, multiple)
     timings["preprocess"] = _elapsed_ms(start)
 
     with model.lock:
-        start = time.perf_counter()
-        latents = _denoise(model, request, inputs, settings, on_step)
-        timings["denoise"] = _elapsed_ms(start)
+        if activations is None:
+            start = time.perf_counter()
+            latents = _denoise(model, request, inputs, settings, on_step)
+            timings["denoise"] = _elapsed_ms(start)
 
-        start = time.perf_counter()
-        generated = _decode(model, latents, inputs.padded)
-        timings["decode"] = _elapsed_ms(start)
+            start = time.perf_counter()
+            generated = _decode(model, latents, inputs.padded)
+            timings["decode"] = _elapsed_ms(start)
+        else:
+            start = time.perf_counter()
+            generated = _denoise_and_decode_masked(model, request, inputs, settings, activations, on_step)
+            timings["denoise"] = _elapsed_ms(start)
 
     start = time.perf_counter()
     generated = crop_to(generated, inputs.resized[1], inputs.resized[0])
@@ -143,11 +156,13 @@ def _validate(request: EditRequest) -> None:
         raise ValueError(f"request.steps={request.steps} must be at least 1")
 
 
-def _prepare_inputs(request: EditRequest, max_work_pixels: int, multiple: int) -> _WorkingInputs:
-    height, width = request.mask.shape
+def prepare_working_inputs(image: np.ndarray, mask: np.ndarray, max_work_pixels: int, multiple: int) -> WorkingInputs:
+    """Downscale (above `max_work_pixels`) and pad image and mask to the model's working size.
+
+    Warm-ups call this too, with an empty mask, so cached activations line up with later jobs.
+    """
+    height, width = mask.shape
     work_width, work_height = fit_working_size(width, height, max_work_pixels, multiple)
-    image = request.image
-    mask = request.mask
     if (work_width, work_height) != (width, height):
         image = np.asarray(Image.fromarray(image).resize((work_width, work_height), Image.Resampling.LANCZOS))
         # Bilinear coverage above zero keeps every partly masked pixel masked, so downscaling never drops a
@@ -157,7 +172,7 @@ def _prepare_inputs(request: EditRequest, max_work_pixels: int, multiple: int) -
 
     padded_image, _ = pad_to_multiple(image, multiple)
     padded_mask, _ = pad_to_multiple(mask, multiple)
-    return _WorkingInputs(
+    return WorkingInputs(
         image=Image.fromarray(padded_image),
         mask=Image.fromarray(padded_mask.astype(np.uint8) * 255, mode="L"),
         resized=(work_width, work_height),
@@ -168,7 +183,7 @@ def _prepare_inputs(request: EditRequest, max_work_pixels: int, multiple: int) -
 def _denoise(
     model: LoadedModel,
     request: EditRequest,
-    inputs: _WorkingInputs,
+    inputs: WorkingInputs,
     settings: RunnerSettings,
     on_step: StepCallback | None,
 ) -> torch.Tensor:
@@ -196,6 +211,32 @@ def _denoise(
             callback_on_step_end=step_end,
         )
     return output.images
+
+
+def _denoise_and_decode_masked(
+    model: LoadedModel,
+    request: EditRequest,
+    inputs: WorkingInputs,
+    settings: RunnerSettings,
+    activations: TemplateActivations,
+    on_step: StepCallback | None,
+) -> np.ndarray:
+    """Denoise only the masked tokens over the cached template activations; return the decoded padded image."""
+    cached = run_cached_edit(
+        model.pipe,
+        activations,
+        np.asarray(inputs.image),
+        np.asarray(inputs.mask) > 127,
+        request.prompt,
+        seed=request.seed,
+        steps=request.steps,
+        guidance_scale=request.guidance,
+        max_sequence_length=settings.max_sequence_length,
+        dilation=settings.dilation_tokens,
+        feather_px=0,
+        on_step=on_step,
+    )
+    return cached.generated
 
 
 def _decode(model: LoadedModel, latents: torch.Tensor, padded: tuple[int, int]) -> np.ndarray:

@@ -22,3 +22,16 @@ def run_edit_job(self, job_id: str) -> None:
 
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     execute_job(job_id, worker=self.request.hostname or "worker", redelivered=redelivered)
+
+
+@shared_task(
+    name="workers.tasks.run_warmup",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def run_warmup(self, warmup_id: int) -> None:
+    from workers.execution import execute_warmup
+
+    execute_warmup(warmup_id, worker=self.request.hostname or "worker")

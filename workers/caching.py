@@ -1,0 +1,159 @@
+"""How a worker uses the activation cache for one job: warm-ups, lookups and the miss policy.
+
+Decision per job, in order:
+
+1. ``bypass``: the masked pass would compute nearly as many FLOPs as a full one (large masks), so the
+   job runs in full and no cache is read or written.
+2. ``hit``: the worker's store holds activations for the job's exact cache key; only masked tokens run.
+3. On a miss, ``miss_warm_first`` when warming up now and then running masked is predicted to cost less
+   than full computation for this job plus the jobs waiting for the same template and parameters;
+   otherwise ``miss_full``: the job runs in full and a warm-up is queued for later jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from cache.keys import CacheKey
+from editing.imaging import token_mask
+from editing.models import CacheOutcome
+from workers.masked.activations import TemplateActivations
+from workers.masked.flops import TransformerShape, transformer_flops
+from workers.masked.warmup import warm_up_template
+from workers.model_loading import LoadedModel
+from workers.runner import RunnerSettings, StepCallback, WorkingInputs, prepare_working_inputs
+from workers.template_cache import cache_key, load_activations, save_activations
+
+logger = logging.getLogger(__name__)
+
+# A masked pass that still computes at least this fraction of the full FLOPs cannot pay for its cache
+# reads and bookkeeping, so such jobs run the stock computation.
+BYPASS_FLOP_FRACTION = 0.9
+# A warm-up is one full inference plus recording; measured on the demo model it costs about as much
+# as a full edit, so its cost is taken as this multiple of one full computation.
+WARMUP_COST_RATIO = 1.0
+WARMUP_PROMPT = ""
+
+
+@dataclass(frozen=True)
+class CacheDecision:
+    outcome: str  # a CacheOutcome value
+    key: CacheKey | None
+    activations: TemplateActivations | None
+    flop_fraction: float  # transformer FLOPs of this job relative to a full computation
+    queue_warmup: bool  # queue a warm-up for later jobs after this one
+
+
+@dataclass(frozen=True)
+class WarmupOutcome:
+    key: CacheKey
+    tier: str
+    nbytes: int
+    timings_ms: dict[str, float]
+    activations: TemplateActivations
+
+
+def working_template(model: LoadedModel, image: np.ndarray, settings: RunnerSettings) -> WorkingInputs:
+    """The template alone (empty mask) at the working size that jobs on it use."""
+    empty = np.zeros(image.shape[:2], dtype=bool)
+    return prepare_working_inputs(image, empty, settings.max_work_pixels, model.pipe.vae_scale_factor * 2)
+
+
+def job_cache_key(
+    model: LoadedModel,
+    inputs: WorkingInputs,
+    *,
+    template_hash: str,
+    steps: int,
+    seed: int,
+    guidance: float,
+    variant: str,
+    settings: RunnerSettings,
+) -> CacheKey:
+    return cache_key(
+        model,
+        template_hash=template_hash,
+        working_size=inputs.padded,
+        steps=steps,
+        seed=seed,
+        guidance=guidance,
+        variant=variant,
+        warmup_prompt=WARMUP_PROMPT,
+        max_sequence_length=settings.max_sequence_length,
+    )
+
+
+def masked_flop_fraction(model: LoadedModel, inputs: WorkingInputs, *, variant: str, settings: RunnerSettings) -> float:
+    """Transformer FLOPs of the masked pass over those of a full pass, for the job's working-size mask."""
+    patch = model.pipe.vae_scale_factor * 2
+    tokens = token_mask(np.asarray(inputs.mask) > 127, patch=patch, dilation=settings.dilation_tokens)
+    shape = TransformerShape.from_config(model.pipe.transformer.config)
+    text = settings.max_sequence_length
+    full = transformer_flops(shape, text, tokens.size)
+    masked = transformer_flops(shape, text, tokens.size, int(tokens.sum()), variant)  # type: ignore[arg-type]
+    return masked / full
+
+
+def should_warm_first(pending_same_key: int, flop_fraction: float) -> bool:
+    """Compare, in units of one full computation, warming now against running in full.
+
+    Warm first: WARMUP_COST_RATIO + (n + 1) * f. Full now: n + 1 (the n waiting jobs would miss too
+    until a later warm-up finishes). With n = 0 running in full always wins.
+    """
+    jobs = pending_same_key + 1
+    return WARMUP_COST_RATIO + jobs * flop_fraction < jobs
+
+
+def decide(
+    model: LoadedModel,
+    key: CacheKey,
+    flop_fraction: float,
+    *,
+    pending_same_key: int,
+) -> CacheDecision:
+    if flop_fraction >= BYPASS_FLOP_FRACTION:
+        return CacheDecision(CacheOutcome.BYPASS, None, None, 1.0, queue_warmup=False)
+    activations = load_activations(key)
+    if activations is not None:
+        return CacheDecision(CacheOutcome.HIT, key, activations, flop_fraction, queue_warmup=False)
+    if should_warm_first(pending_same_key, flop_fraction):
+        return CacheDecision(CacheOutcome.MISS_WARM_FIRST, key, None, flop_fraction, queue_warmup=False)
+    return CacheDecision(CacheOutcome.MISS_FULL, key, None, 1.0, queue_warmup=True)
+
+
+def warm_template(
+    model: LoadedModel,
+    template: WorkingInputs,
+    key: CacheKey,
+    *,
+    settings: RunnerSettings,
+    on_step: StepCallback | None = None,
+) -> WarmupOutcome:
+    """Run the full warm-up inference on the template and store its activations under ``key``."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    with model.lock:
+        activations = warm_up_template(
+            model.pipe,
+            np.asarray(template.image),
+            seed=key.seed,
+            steps=key.steps,
+            guidance_scale=key.guidance,
+            variant=key.variant,
+            prompt=WARMUP_PROMPT,
+            max_sequence_length=settings.max_sequence_length,
+            on_progress=on_step,
+        )
+    timings["warmup"] = (time.perf_counter() - start) * 1000
+    start = time.perf_counter()
+    tier, nbytes = save_activations(key, activations)
+    timings["cache_store"] = (time.perf_counter() - start) * 1000
+    logger.info(
+        "warm-up %s stored in %s: %.1f MiB, %s",
+        key.short(), tier, nbytes / 2**20, " ".join(f"{k}={v:.0f}ms" for k, v in timings.items()),
+    )
+    return WarmupOutcome(key=key, tier=tier, nbytes=nbytes, timings_ms=timings, activations=activations)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,16 @@ def test_demo_build_is_deterministic(tmp_path: Path, test_model_dir: Path) -> No
     assert not torch.equal(first.x_embedder.weight, third.x_embedder.weight)
 
 
+def test_build_keeps_caller_rng_state(tmp_path: Path) -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+
+    build_flux_fill_demo(tmp_path / "model", preset="test")
+
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_reinitialised_blocks_are_far_from_identity(test_pipe: FluxFillPipeline) -> None:
     double_change, single_change = _block_changes(test_pipe.transformer)
 
@@ -200,6 +211,28 @@ def test_ensure_demo_model_builds_once(tmp_path: Path) -> None:
     assert first == second == tmp_path / "test"
     assert (second / MODEL_INDEX).stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == ["test"]
+
+
+def test_ensure_demo_model_concurrent_builds(tmp_path: Path) -> None:
+    results: list[Path] = []
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            results.append(ensure_demo_model(tmp_path, "test"))
+        except BaseException as exc:  # collected so the assertion below names it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert errors == []
+    assert results == [tmp_path / "test"] * 3
+    assert [p.name for p in tmp_path.iterdir()] == ["test"]
+    assert FluxFillPipeline.from_pretrained(tmp_path / "test").transformer is not None
 
 
 def test_ensure_demo_model_replaces_incomplete_folder(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,28 +115,32 @@ PRESETS: dict[str, DemoPreset] = {
 TRANSFORMER_INIT_GAIN = 1.0
 TRANSFORMER_BIAS_STD = 0.02
 
+_build_lock = threading.Lock()
+
 
 def build_flux_fill_demo(out_dir: Path, *, preset: str = "demo", seed: int = 0) -> Path:
     """Build a complete Flux Fill pipeline folder in `out_dir` and return `out_dir`.
 
-    Raises ValueError for an unknown preset.
+    Raises ValueError for an unknown preset. The components draw their initial weights from torch's global
+    generator, so builds in one process run one at a time and restore the caller's generator state.
     """
     spec = _preset(preset)
     out_dir = Path(out_dir)
     logger.info("Building Flux Fill demo model preset=%s seed=%d into %s", preset, seed, out_dir)
 
-    tokenizer = build_clip_tokenizer()
-    tokenizer_2 = build_t5_tokenizer()
-    pipe = FluxFillPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
-        vae=_build_vae(spec, seed),
-        text_encoder=_build_clip_text_encoder(spec, tokenizer, seed + 1),
-        tokenizer=tokenizer,
-        text_encoder_2=_build_t5_encoder(spec, tokenizer_2, seed + 2),
-        tokenizer_2=tokenizer_2,
-        transformer=_build_transformer(spec, seed + 3),
-    )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    with _build_lock, torch.random.fork_rng(devices=[]):
+        tokenizer = build_clip_tokenizer()
+        tokenizer_2 = build_t5_tokenizer()
+        pipe = FluxFillPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+            vae=_build_vae(spec, seed),
+            text_encoder=_build_clip_text_encoder(spec, tokenizer, seed + 1),
+            tokenizer=tokenizer,
+            text_encoder_2=_build_t5_encoder(spec, tokenizer_2, seed + 2),
+            tokenizer_2=tokenizer_2,
+            transformer=_build_transformer(spec, seed + 3),
+        )
+        pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
 

@@ -72,7 +72,7 @@ def open_upright(data: bytes | BinaryIO, *, field: str, max_pixels: int, max_byt
         raise ImageRuleError(
             field,
             CODE_INVALID_IMAGE,
-            _("The %(field)s file is not a readable image. Upload a PNG, JPEG or WebP file.") % {"field": field},
+            _("The %(field)s file is not a readable image. Upload a PNG, JPEG or WebP file.") % {"field": _field_label(field)},
         ) from None
 
     pixels = image.width * image.height
@@ -90,7 +90,7 @@ def open_upright(data: bytes | BinaryIO, *, field: str, max_pixels: int, max_byt
                 field,
                 CODE_TRUNCATED,
                 _("The %(field)s file is truncated: its pixel data ends early. Upload the complete file again.")
-                % {"field": field},
+                % {"field": _field_label(field)},
             ) from None
         raise _undecodable(field, exc) from None
     except (SyntaxError, ValueError) as exc:
@@ -123,7 +123,7 @@ def to_rgb8(image: Image.Image, *, field: str = "image") -> np.ndarray:
             field,
             CODE_INVALID_IMAGE,
             _("The %(field)s file uses the unsupported color mode %(mode)s. Save it as RGB or grayscale.")
-            % {"field": field, "mode": mode},
+            % {"field": _field_label(field), "mode": mode},
         ) from exc
     return np.array(rgb, dtype=np.uint8)
 
@@ -293,7 +293,12 @@ def dilate(mask: np.ndarray, px: int) -> np.ndarray:
     """Grow a bool mask by `px` pixels: select every pixel within Euclidean distance `px` of the mask."""
     if px < 0:
         raise ValueError(f"px={px} must be 0 or more")
-    return _distance_to_mask(mask.astype(bool), px) <= px
+    mask = mask.astype(bool)
+    grown = np.zeros(mask.shape, dtype=bool)
+    window = _mask_window(mask, px + 1)
+    if window is not None:
+        grown[window] = _distance_to_mask(mask[window], px) <= px
+    return grown
 
 
 def feather_alpha(mask: np.ndarray, feather_px: int) -> np.ndarray:
@@ -308,12 +313,18 @@ def feather_alpha(mask: np.ndarray, feather_px: int) -> np.ndarray:
     if feather_px == 0:
         return mask.astype(np.float32)
 
-    distance = _distance_to_mask(mask, feather_px)
+    alpha = np.zeros(mask.shape, dtype=np.float32)
+    window = _mask_window(mask, feather_px + 1)
+    if window is None:
+        return alpha
+
+    distance = _distance_to_mask(mask[window], feather_px)
     ramp = np.clip(1.0 - distance / (feather_px + 1), 0.0, 1.0)
-    alpha = ramp * ramp * (3.0 - 2.0 * ramp)
-    alpha[distance > feather_px] = 0.0
-    alpha[mask] = 1.0
-    return alpha.astype(np.float32)
+    local = ramp * ramp * (3.0 - 2.0 * ramp)
+    local[distance > feather_px] = 0.0
+    local[mask[window]] = 1.0
+    alpha[window] = local
+    return alpha
 
 
 def composite(original: np.ndarray, generated: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -325,16 +336,29 @@ def composite(original: np.ndarray, generated: np.ndarray, alpha: np.ndarray) ->
         raise ValueError(
             f"original {original.shape}, generated {generated.shape} and alpha {alpha.shape} must share (H, W)"
         )
-    weight = alpha.astype(np.float32)[:, :, None]
-    blended = original.astype(np.float32) * (1.0 - weight) + generated.astype(np.float32) * weight
-    result = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-    keep = alpha == 0
-    result[keep] = original[keep]
+    result = original.copy()
+    window = _mask_window(alpha > 0, 0)
+    if window is None:
+        return result
+
+    # Blend only inside the bounding box of alpha > 0, because most edits touch a small part of the image.
+    weight = alpha[window].astype(np.float32)[:, :, None]
+    blended = original[window].astype(np.float32) * (1.0 - weight) + generated[window].astype(np.float32) * weight
+    local = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    keep = alpha[window] == 0
+    local[keep] = original[window][keep]
+    result[window] = local
     return result
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _field_label(field: str) -> str:
+    """Return the translated name of an upload field for messages; unknown fields keep their identifier."""
+    labels = {"image": _("image"), "mask": _("mask")}
+    return labels.get(field, field)
 
 
 def _read_limited(data: bytes | bytearray | memoryview | BinaryIO, *, field: str, max_bytes: int) -> bytes:
@@ -346,7 +370,7 @@ def _read_limited(data: bytes | bytearray | memoryview | BinaryIO, *, field: str
 
     if len(payload) == 0:
         raise ImageRuleError(
-            field, CODE_EMPTY_FILE, _("The %(field)s file is empty (0 bytes). Upload the file again.") % {"field": field}
+            field, CODE_EMPTY_FILE, _("The %(field)s file is empty (0 bytes). Upload the file again.") % {"field": _field_label(field)}
         )
     if len(payload) > max_bytes:
         raise ImageRuleError(
@@ -356,7 +380,7 @@ def _read_limited(data: bytes | bytearray | memoryview | BinaryIO, *, field: str
                 "The %(field)s file is larger than the limit of %(limit)d bytes. Upload a smaller or more "
                 "compressed file."
             )
-            % {"field": field, "limit": max_bytes},
+            % {"field": _field_label(field), "limit": max_bytes},
         )
     return payload
 
@@ -365,12 +389,12 @@ def _too_many_pixels(field: str, size: tuple[int, int] | None, limit: int) -> Im
     if size is None:
         message = _(
             "The %(field)s has more than %(limit)d pixels. Downscale it to at most %(limit)d pixels and upload it again."
-        ) % {"field": field, "limit": limit}
+        ) % {"field": _field_label(field), "limit": limit}
     else:
         message = _(
             "The %(field)s is %(width)dx%(height)d = %(pixels)d pixels, above the limit of %(limit)d pixels. "
             "Downscale it and upload it again."
-        ) % {"field": field, "width": size[0], "height": size[1], "pixels": size[0] * size[1], "limit": limit}
+        ) % {"field": _field_label(field), "width": size[0], "height": size[1], "pixels": size[0] * size[1], "limit": limit}
     return ImageRuleError(field, CODE_TOO_LARGE, message)
 
 
@@ -379,7 +403,7 @@ def _undecodable(field: str, exc: Exception) -> ImageRuleError:
     return ImageRuleError(
         field,
         CODE_INVALID_IMAGE,
-        _("The %(field)s file is damaged and cannot be decoded. Export it again as PNG or JPEG.") % {"field": field},
+        _("The %(field)s file is damaged and cannot be decoded. Export it again as PNG or JPEG.") % {"field": _field_label(field)},
     )
 
 
@@ -428,6 +452,19 @@ def _dilate_square(mask: np.ndarray, radius: int) -> np.ndarray:
     return sliding_window_view(padded, size, axis=0).any(axis=-1)
 
 
+def _mask_window(mask: np.ndarray, margin: int) -> tuple[slice, slice] | None:
+    """Return the bounding box of the True pixels grown by `margin` and clipped to the array, or None if empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    height, width = mask.shape
+    return (
+        slice(max(0, int(rows[0]) - margin), min(height, int(rows[-1]) + margin + 1)),
+        slice(max(0, int(cols[0]) - margin), min(width, int(cols[-1]) + margin + 1)),
+    )
+
+
 def _distance_to_mask(mask: np.ndarray, limit: int) -> np.ndarray:
     """Return the (H, W) float32 Euclidean distance of each pixel to the nearest True pixel.
 
@@ -440,14 +477,15 @@ def _distance_to_mask(mask: np.ndarray, limit: int) -> np.ndarray:
     if not mask.any():
         return np.full(mask.shape, float(far), dtype=np.float32)
 
-    columns = np.arange(width, dtype=np.int64)
+    columns = np.arange(width, dtype=np.int32)
     left = np.where(mask, columns, -(width + far))
     left = np.maximum.accumulate(left, axis=1)
     right = np.where(mask, columns, 2 * width + far)
     right = np.minimum.accumulate(right[:, ::-1], axis=1)[:, ::-1]
     horizontal = np.minimum(np.minimum(columns - left, right - columns), far)
 
-    squared = horizontal.astype(np.int64) ** 2
+    # int32 is enough: horizontal distances are capped at limit + 1, so sums stay below (limit + 1)^2 + limit^2.
+    squared = horizontal.astype(np.int32) ** 2
     best = squared.copy()
     for dy in range(1, min(limit, height - 1) + 1):
         shifted_down = np.full_like(squared, far * far)

@@ -400,6 +400,28 @@ def test_dilate_is_euclidean() -> None:
     assert grown.sum() == int((np.hypot(*np.mgrid[-10:11, -10:11]) <= 3).sum())
 
 
+def test_dilate_matches_brute_force() -> None:
+    rng = np.random.default_rng(11)
+    for radius in (1, 3, 6):
+        mask = rng.random((23, 31)) > 0.985
+        mask[0, 30] = True  # a pixel on the corner exercises the clipped window
+        rows, cols = np.nonzero(mask)
+        grid_rows, grid_cols = np.mgrid[0:23, 0:31]
+        distances = np.hypot(grid_rows[..., None] - rows, grid_cols[..., None] - cols).min(axis=-1)
+
+        grown = dilate(mask, radius)
+
+        assert np.array_equal(grown, distances <= radius), radius
+
+
+def test_feather_alpha_of_empty_mask_is_zero() -> None:
+    alpha = feather_alpha(np.zeros((8, 9), dtype=bool), 4)
+
+    assert alpha.shape == (8, 9)
+    assert alpha.dtype == np.float32
+    assert not alpha.any()
+
+
 def test_feather_alpha_ramps_to_zero() -> None:
     mask = np.zeros((1, 30), dtype=bool)
     mask[0, :10] = True

@@ -17,7 +17,7 @@ from django.utils.translation import gettext_lazy
 
 from editing import warmups
 from editing.models import CacheWarmup, EditJob, Template
-from editing.pages import cache_outcome_label, phase_timings, total_text
+from editing.pages import cache_outcome_label, cache_variant_label, phase_timings, total_text
 
 THUMBNAIL_LIST_PX = 96
 THUMBNAIL_DETAIL_PX = 480
@@ -135,7 +135,7 @@ class TemplateAdmin(admin.ModelAdmin):
         if latest.cache_bytes:
             parts.append(filesizeformat(latest.cache_bytes))
         if latest.variant:
-            parts.append(latest.variant)
+            parts.append(cache_variant_label(latest.variant))
         return " · ".join(str(part) for part in parts)
 
     @admin.action(description=gettext_lazy("Warm the cache of the selected templates"))

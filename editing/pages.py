@@ -30,8 +30,12 @@ DEFAULT_GUIDANCE = 30.0
 # Job fields describing the activation cache, shown when the job API returns them.
 CACHE_FIELDS = ("cache_used", "cache_outcome", "cache_variant", "flop_fraction")
 
+# Worker phases in pipeline order, as keys of a job's timings (milliseconds per phase).
 PHASE_LABELS = {
     "load": gettext_lazy("load"),
+    "cache_lookup": gettext_lazy("cache lookup"),
+    "warmup": gettext_lazy("cache warm-up"),
+    "cache_store": gettext_lazy("cache store"),
     "preprocess": gettext_lazy("preprocess"),
     "denoise": gettext_lazy("denoise"),
     "decode": gettext_lazy("decode"),
@@ -74,6 +78,7 @@ class EditorConfig:
     max_pixels: int
     templates_url: str
     jobs_url: str
+    phases: list[str]  # timing keys in pipeline order
     prefill: JobPrefill | None = None
 
 
@@ -152,6 +157,17 @@ def cache_labels() -> dict[str, str]:
     }
 
 
+CACHE_VARIANT_LABELS = {
+    "kv": gettext_lazy("attention keys and values"),
+    "hidden": gettext_lazy("hidden states"),
+}
+
+
+def cache_variant_label(variant: str) -> str:
+    """The translated name of a cache variant; unknown values are shown as they are."""
+    return str(CACHE_VARIANT_LABELS.get(variant, variant))
+
+
 def cache_outcome_label(outcome: str) -> str:
     """The translated description of a cache outcome; unknown values are shown as they are."""
     try:
@@ -172,6 +188,8 @@ def cache_info(data: dict) -> list[CacheInfo]:
             text = _("yes") if value else _("no")
         elif name == "cache_outcome":
             text = cache_outcome_label(str(value))
+        elif name == "cache_variant":
+            text = cache_variant_label(str(value))
         elif name == "flop_fraction":
             text = _("%(percent)s%% of a full run") % {"percent": f"{float(value) * 100:.1f}"}
         else:
@@ -217,6 +235,7 @@ def browser_messages() -> dict[str, str]:
             "uploading": _("Uploading…"),
             "uploaded": _("Uploaded %(name)s."),
             "no_file": _("Choose an image file to upload."),
+            "no_file_chosen": _("No file chosen"),
             "no_template": _("Pick or upload a template first."),
             "empty_mask": _("The mask is empty. Paint the area to edit first."),
             "mask_coverage": _("The mask covers %(percent)s%% of the image."),
@@ -247,6 +266,7 @@ def browser_messages() -> dict[str, str]:
     messages.update(duration_messages())
     messages.update(cache_labels())
     messages.update({f"cache_outcome_{outcome.value}": str(outcome.label) for outcome in CacheOutcome})
+    messages.update({f"cache_variant_{name}": str(label) for name, label in CACHE_VARIANT_LABELS.items()})
     messages["flop_fraction_value"] = _("%(percent)s%% of a full run")
     return messages
 
@@ -264,6 +284,7 @@ def editor(request: HttpRequest) -> HttpResponse:
         max_pixels=settings.EDITOR_MAX_PIXELS,
         templates_url=reverse("template-list"),
         jobs_url=reverse("job-list"),
+        phases=list(PHASE_LABELS),
         prefill=job_prefill(request, request.GET.get("job")),
     )
     context = {

@@ -144,7 +144,7 @@ def test_job_mask_hidden_from_other_users(make_user, coffee_job):
 def test_history_lists_own_jobs_with_timings_and_cache(alice_client, coffee_job, make_user):
     EditJob.objects.filter(pk=coffee_job.pk).update(
         status=JobStatus.SUCCEEDED,
-        timings={"denoise": 3456.0, "load": 120.0, "warmup": 9.0},
+        timings={"denoise": 3456.0, "load": 120.0, "gpu_sync": 9.0},
         cache_outcome=CacheOutcome.HIT,
         cache_variant="v1",
         flop_fraction=0.125,
@@ -164,7 +164,7 @@ def test_history_lists_own_jobs_with_timings_and_cache(alice_client, coffee_job,
     assert str(CacheOutcome.HIT.label) in html
     assert "12.5% of a full run" in html
     assert f'href="/?job={coffee_job.pk}"' in html
-    assert html.index("load: 120 ms") < html.index("denoise: 3.5 s") < html.index("warmup: 9 ms")
+    assert html.index("load: 120 ms") < html.index("denoise: 3.5 s") < html.index("gpu_sync: 9 ms")
 
 
 def test_history_empty(alice_client):

@@ -38,6 +38,7 @@ const result = new ResultView({
   toggle: $("compare-toggle"),
   download: $("result-download"),
   timings: $("result-timings"),
+  phases: config.phases,
   messages,
 });
 
@@ -125,6 +126,7 @@ async function uploadTemplate(event) {
     addTemplate(template, true);
     $("gallery-status").textContent = "";
     form.reset();
+    showChosenFile();
     $("upload-status").textContent = format(messages.uploaded, { name: template.name });
     await selectTemplate(template);
   } catch (error) {
@@ -133,6 +135,11 @@ async function uploadTemplate(event) {
   } finally {
     $("upload-submit").disabled = false;
   }
+}
+
+function showChosenFile() {
+  const file = $("upload-image").files[0];
+  $("upload-file-name").textContent = file ? file.name : messages.no_file_chosen;
 }
 
 // --- Mask tools.
@@ -363,6 +370,7 @@ async function applyPrefill(prefill) {
 async function start() {
   bindMaskTools();
   $("upload-form").addEventListener("submit", uploadTemplate);
+  $("upload-image").addEventListener("change", showChosenFile);
   $("gallery-more").addEventListener("click", () => loadTemplates(state.nextTemplatesUrl));
   $("job-form").addEventListener("submit", submitJob);
   $("job-cancel").addEventListener("click", cancelJob);

@@ -2,7 +2,6 @@
 
 import { format } from "./api.js";
 
-const PHASES = ["load", "preprocess", "denoise", "decode", "composite", "store"];
 const CACHE_FIELDS = ["cache_used", "cache_outcome", "cache_variant", "flop_fraction"];
 
 export class ResultView {
@@ -51,7 +50,8 @@ export class ResultView {
     const messages = this.messages;
     this.timings.replaceChildren();
     const timings = job.timings || {};
-    const phases = [...PHASES.filter((phase) => phase in timings), ...Object.keys(timings).filter((phase) => !PHASES.includes(phase)).sort()];
+    const known = this.phases.filter((phase) => phase in timings);
+    const phases = [...known, ...Object.keys(timings).filter((phase) => !this.phases.includes(phase)).sort()];
     let total = 0;
     for (const phase of phases) {
       total += Number(timings[phase]) || 0;
@@ -77,6 +77,7 @@ export class ResultView {
 function cacheText(field, value, messages) {
   if (typeof value === "boolean") return value ? messages.yes : messages.no;
   if (field === "cache_outcome") return messages[`cache_outcome_${value}`] || String(value);
+  if (field === "cache_variant") return messages[`cache_variant_${value}`] || String(value);
   if (field === "flop_fraction") return format(messages.flop_fraction_value, { percent: (Number(value) * 100).toFixed(1) });
   return String(value);
 }

@@ -1,0 +1,302 @@
+"""The editor in a real browser: Chromium -> live Django server -> Redis -> real Celery worker.
+
+Runs only where Debian's Chromium is installed at /usr/bin/chromium (``make browser``); the
+browser is never downloaded. Screenshots for the README are written to docs/screenshots/.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from editing import imaging
+from tests.conftest import PHOTOS, ROOT
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+JOB_TIMEOUT_MS = 300_000
+UI_TIMEOUT_MS = 30_000
+# Pixels this far from the painted mask must come back unchanged: the worker regenerates whole
+# 16 px latent tokens around the mask and feathers the seam.
+UNCHANGED_MARGIN_PX = 16
+COFFEE = PHOTOS / "coffee.png"
+COFFEE_SIZE = (600, 400)
+# Strokes in image pixels (x, y), painted with the default 48 px brush.
+STROKES = [[(170, 150), (260, 190), (330, 230)], [(420, 120), (430, 200)]]
+
+# Latin-script words allowed on Japanese pages: file formats, units, key names, language names in
+# their own language, and names the test itself types (user, template).
+ALLOWED_LATIN = {
+    "PNG", "JPEG", "WebP", "TIFF", "BMP", "GIF", "API", "HTTP", "FLOPs", "MB", "KB", "px", "Ctrl", "English",
+    "alice", "coffee",
+}
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is not installed at /usr/bin/chromium; run `make browser`"),
+]
+
+
+@dataclass(frozen=True)
+class Language:
+    code: str
+    locale: str
+    prompt: str
+    succeeded: str  # status label shown when the job has succeeded
+
+
+ENGLISH = Language("en", "en-US", "a ceramic cup with a blue glaze", "succeeded")
+JAPANESE = Language("ja", "ja-JP", "青い釉薬の陶器のカップ", "完了")
+
+
+@pytest.fixture
+def browser(monkeypatch):
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API runs an event loop in this thread, and Django refuses ORM calls from a
+    # thread with a running loop unless told that this use is safe (the loop never awaits the ORM).
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture
+def alice(django_user_model):
+    return django_user_model.objects.create_user(username="alice", password="pw-alice")
+
+
+@pytest.fixture
+def no_warmups(settings):
+    # Template uploads would otherwise queue a cache warm-up ahead of the edit on the single worker.
+    settings.EDITOR_WARMUP_ON_CREATE = False
+
+
+def new_page(browser, language: Language):
+    context = browser.new_context(
+        locale=language.locale,
+        extra_http_headers={"Accept-Language": language.code},
+        viewport={"width": 1400, "height": 1000},
+        accept_downloads=True,
+    )
+    context.set_default_timeout(UI_TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    return page, errors
+
+
+def log_in(page, base_url: str, username: str, password: str) -> None:
+    page.goto(base_url + "/")
+    assert "/accounts/login/" in page.url
+    page.fill("#id_username", username)
+    page.fill("#id_password", password)
+    page.locator("main button[type=submit]").click()
+    page.wait_for_selector("body[data-editor-ready=true]")
+
+
+def upload_template(page, path: Path) -> None:
+    page.set_input_files("#upload-image", str(path))
+    page.click("#upload-submit")
+    page.wait_for_selector("#stage:not([hidden])")
+    page.wait_for_function("document.getElementById('stage-image').complete")
+
+
+def paint_strokes(page, strokes: list[list[tuple[int, int]]], image_size: tuple[int, int]) -> None:
+    """Drag the mouse along each stroke, given in image pixels, over the mask canvas."""
+    box = page.locator("#mask-canvas").bounding_box()
+    scale_x = box["width"] / image_size[0]
+    scale_y = box["height"] / image_size[1]
+    for stroke in strokes:
+        points = [(box["x"] + x * scale_x, box["y"] + y * scale_y) for x, y in stroke]
+        page.mouse.move(*points[0])
+        page.mouse.down()
+        for point in points[1:]:
+            page.mouse.move(*point, steps=8)
+        page.mouse.up()
+
+
+def record_progress(page) -> None:
+    """Collect every value the progress text shows, so the test can check that it reached 100%."""
+    page.evaluate(
+        """() => {
+            window.progressSeen = [];
+            const target = document.getElementById("job-progress-text");
+            new MutationObserver(() => window.progressSeen.push(target.textContent))
+                .observe(target, {childList: true, characterData: true, subtree: true});
+        }"""
+    )
+
+
+def submit_and_wait(page, language: Language, steps: int) -> str:
+    page.fill("#prompt", language.prompt)
+    page.fill("#steps", str(steps))
+    page.fill("#seed", "3")
+    record_progress(page)
+    page.click("#job-submit")
+    page.wait_for_selector("#job-panel:not([hidden])")
+    page.wait_for_selector("#result-panel:not([hidden])", timeout=JOB_TIMEOUT_MS)
+    page.wait_for_function(
+        "document.getElementById('compare-after-image').complete"
+        " && document.getElementById('compare-after-image').naturalWidth > 0"
+    )
+    assert page.inner_text("#job-status") == language.succeeded
+    return page.get_attribute("#result-panel", "data-job-id")
+
+
+def percentages(values: list[str]) -> list[int]:
+    return [int(value.rstrip("%")) for value in values if re.fullmatch(r"\d+%", value)]
+
+
+def download_result(page, tmp_path: Path) -> np.ndarray:
+    with page.expect_download() as download_info:
+        page.click("#result-download")
+    path = tmp_path / download_info.value.suggested_filename
+    download_info.value.save_as(path)
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def fetch_mask(page, base_url: str, job_id: str) -> np.ndarray:
+    response = page.context.request.get(f"{base_url}/jobs/{job_id}/mask.png")
+    assert response.status == 200
+    return np.asarray(Image.open(io.BytesIO(response.body())).convert("L"))
+
+
+def visible_text(page) -> str:
+    """Text a user sees or hears: rendered text, the title and the labels of visible elements."""
+    return page.evaluate(
+        """() => {
+            const texts = [document.title, document.body.innerText];
+            for (const element of document.querySelectorAll("[placeholder], [aria-label], [title], [alt]")) {
+                if (!element.checkVisibility()) continue;
+                for (const name of ["placeholder", "aria-label", "title", "alt"]) {
+                    const value = element.getAttribute(name);
+                    if (value) texts.push(value);
+                }
+            }
+            return texts.join("\\n");
+        }"""
+    )
+
+
+def english_words(text: str) -> set[str]:
+    return {word for word in re.findall(r"[A-Za-z]{2,}", text) if word not in ALLOWED_LATIN}
+
+
+def assert_edit_kept_outside_of_mask(result: np.ndarray, mask: np.ndarray) -> None:
+    original = imaging.read_template(COFFEE.read_bytes(), max_pixels=10**8, max_bytes=10**8)
+    outside = ~imaging.dilate(mask > 127, UNCHANGED_MARGIN_PX)
+    assert result.shape == original.shape
+    assert outside.mean() > 0.5, "the mask should leave most of the image untouched"
+    assert np.array_equal(result[outside], original[outside])
+    assert not np.array_equal(result[mask > 127], original[mask > 127])
+
+
+def assert_mask_follows_strokes(mask: np.ndarray) -> None:
+    """The exported mask has the image's full size and is white under the strokes only."""
+    assert mask.shape == (COFFEE_SIZE[1], COFFEE_SIZE[0])
+    for stroke in STROKES:
+        for x, y in stroke:
+            assert mask[y, x] == 255, f"stroke point {(x, y)} is not in the mask"
+    assert mask[20, 20] == 0
+    assert mask[380, 580] == 0
+
+
+def test_edit_flow_in_english(browser, live_server, celery_worker_process, alice, no_warmups, django_user_model, tmp_path):
+    page, errors = new_page(browser, ENGLISH)
+    log_in(page, live_server.url, "alice", "pw-alice")
+    upload_template(page, COFFEE)
+    paint_strokes(page, STROKES, COFFEE_SIZE)
+    assert "The mask covers" in page.inner_text("#mask-coverage")
+    page.fill("#prompt", ENGLISH.prompt)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "editor.png"), full_page=True)
+
+    job_id = submit_and_wait(page, ENGLISH, steps=4)
+
+    seen = percentages(page.evaluate("window.progressSeen"))
+    assert seen[-1] == 100
+    assert seen == sorted(seen), f"progress went backwards: {seen}"
+    assert page.inner_text("#job-step") == "Step 4 of 4"
+    page.locator("#result-panel").screenshot(path=str(SCREENSHOTS / "result.png"))
+    result = download_result(page, tmp_path)
+    mask = fetch_mask(page, live_server.url, job_id)
+    assert_mask_follows_strokes(mask)
+    assert_edit_kept_outside_of_mask(result, mask)
+    assert result.shape[:2] == (COFFEE_SIZE[1], COFFEE_SIZE[0])
+    assert errors == []
+
+    django_user_model.objects.create_superuser(username="admin", password="pw-admin")
+    admin_page, _ = new_page(browser, ENGLISH)
+    admin_page.goto(live_server.url + "/admin/login/")
+    admin_page.fill("#id_username", "admin")
+    admin_page.fill("#id_password", "pw-admin")
+    admin_page.click("input[type=submit]")
+    admin_page.goto(live_server.url + "/admin/editing/template/")
+    admin_page.wait_for_function("[...document.images].every((image) => image.complete)")
+    assert "coffee" in admin_page.inner_text("#result_list")
+    admin_page.screenshot(path=str(SCREENSHOTS / "admin-templates.png"), full_page=True)
+
+
+def test_edit_flow_in_japanese(browser, live_server, celery_worker_process, alice, no_warmups, tmp_path):
+    page, errors = new_page(browser, JAPANESE)
+    log_in(page, live_server.url, "alice", "pw-alice")
+    assert english_words(visible_text(page)) == set()
+
+    upload_template(page, COFFEE)
+    paint_strokes(page, STROKES, COFFEE_SIZE)
+    assert english_words(visible_text(page)) == set()
+    page.fill("#prompt", JAPANESE.prompt)
+    page.screenshot(path=str(SCREENSHOTS / "editor-ja.png"), full_page=True)
+
+    job_id = submit_and_wait(page, JAPANESE, steps=4)
+
+    assert percentages(page.evaluate("window.progressSeen"))[-1] == 100
+    assert english_words(visible_text(page)) == set()
+    page.locator("#result-panel").screenshot(path=str(SCREENSHOTS / "result-ja.png"))
+    result = download_result(page, tmp_path)
+    assert_edit_kept_outside_of_mask(result, fetch_mask(page, live_server.url, job_id))
+
+    page.goto(live_server.url + "/history/")
+    history_text = visible_text(page)
+    assert JAPANESE.prompt in history_text
+    assert english_words(history_text) == set()
+    assert errors == []
+
+
+def test_api_errors_shown_next_to_fields(browser, live_server, alice, no_warmups, media_root):
+    """Errors come from the API: no worker is needed because the job is rejected before queueing."""
+    page, errors = new_page(browser, JAPANESE)
+    log_in(page, live_server.url, "alice", "pw-alice")
+
+    page.set_input_files("#upload-image", {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"})
+    page.click("#upload-submit")
+    page.wait_for_selector("#image-error:not([hidden])")
+    assert page.get_attribute("#upload-image", "aria-invalid") == "true"
+    image_error = page.inner_text("#image-error")
+    # API errors name the request field ("image", "steps") as clients send it.
+    assert english_words(image_error) <= {"image"}, image_error
+
+    upload_template(page, COFFEE)
+    paint_strokes(page, STROKES, COFFEE_SIZE)
+    page.fill("#prompt", JAPANESE.prompt)
+    page.fill("#steps", "1000")
+    page.click("#job-submit")
+    page.wait_for_selector("#steps-error:not([hidden])")
+    steps_error = page.inner_text("#steps-error")
+    assert "1000" in steps_error
+    assert english_words(steps_error) <= {"steps"}, steps_error
+    assert page.is_hidden("#job-panel")
+    assert [error for error in errors if "400" not in error] == []

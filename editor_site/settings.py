@@ -159,7 +159,10 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 EDITOR_JOB_HARD_TIME_LIMIT_S = env_int("EDITOR_JOB_HARD_TIME_LIMIT_S", 1800, minimum=10)
 # Redis redelivers unacknowledged messages after the visibility timeout, so it must exceed the
 # longest job or a running job would be delivered twice.
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": EDITOR_JOB_HARD_TIME_LIMIT_S * 2}
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {"visibility_timeout": EDITOR_JOB_HARD_TIME_LIMIT_S * 2}
+# A prefix on every Redis key lets several stacks (or test runs) share one Redis server.
+if env_str("EDITOR_BROKER_KEY_PREFIX"):
+    CELERY_BROKER_TRANSPORT_OPTIONS["global_keyprefix"] = env_str("EDITOR_BROKER_KEY_PREFIX")
 CELERY_TASK_ALWAYS_EAGER = False
 
 # --- Editing service.

@@ -19,6 +19,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT / "demo" / "photos"
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# Every Redis key of this test run carries this prefix, so concurrent runs sharing one Redis server
+# never consume each other's messages.
+BROKER_KEY_PREFIX = f"test-{uuid.uuid4().hex[:12]}:"
 
 
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -55,10 +58,10 @@ def redis_url() -> str:
     url = TEST_REDIS_URL
     if not redis_reachable(url):
         process, url = start_embedded_redis(ROOT / "var" / "test-redis")
-    import redis
-
-    redis.Redis.from_url(url).flushdb()
     celery_app.conf.broker_url = url
+    celery_app.conf.broker_transport_options = {
+        **celery_app.conf.broker_transport_options, "global_keyprefix": BROKER_KEY_PREFIX,
+    }
     yield url
     if process is not None:
         process.terminate()
@@ -73,17 +76,24 @@ def test_model_path() -> Path:
     return ensure_demo_model(ROOT / "var" / "models", "test")
 
 
+@pytest.fixture(scope="session")
+def session_media_root(tmp_path_factory) -> Path:
+    """One media folder for the test run, shared with the worker processes the tests start."""
+    return tmp_path_factory.mktemp("media")
+
+
 @pytest.fixture
-def media_root(settings, tmp_path: Path) -> Path:
-    settings.MEDIA_ROOT = tmp_path / "media"
-    return settings.MEDIA_ROOT
+def media_root(settings, session_media_root: Path) -> Path:
+    settings.MEDIA_ROOT = session_media_root
+    return session_media_root
 
 
-def database_url() -> str:
-    """URL of the database the tests use, for processes started by the tests."""
+def worker_database_url(django_db_blocker) -> str:
+    """URL of the test database, for the processes the tests start."""
     from django.db import connection
 
-    config = connection.settings_dict
+    with django_db_blocker.unblock():
+        config = connection.settings_dict
     if config["ENGINE"].endswith("sqlite3"):
         return f"sqlite:///{config['NAME']}"
     user = config.get("USER") or ""
@@ -92,17 +102,20 @@ def database_url() -> str:
     return f"postgres://{auth}{config.get('HOST') or '127.0.0.1'}:{config.get('PORT') or 5432}/{config['NAME']}"
 
 
-@pytest.fixture
-def worker_env(redis_url: str, media_root: Path, test_model_path: Path, transactional_db) -> dict[str, str]:
+@pytest.fixture(scope="session")
+def worker_env(
+    redis_url: str, session_media_root: Path, test_model_path: Path, django_db_setup, django_db_blocker
+) -> dict[str, str]:
     env = os.environ.copy()
     env.update(
         {
             "DEBUG": "1",
             "REDIS_URL": redis_url,
-            "DATABASE_URL": database_url(),
-            "EDITOR_MEDIA_ROOT": str(media_root),
+            "EDITOR_BROKER_KEY_PREFIX": BROKER_KEY_PREFIX,
+            "DATABASE_URL": worker_database_url(django_db_blocker),
+            "EDITOR_MEDIA_ROOT": str(session_media_root),
             "EDITOR_MODEL": str(test_model_path),
-            "EDITOR_CACHE_DIR": str(media_root.parent / "activation-cache"),
+            "EDITOR_CACHE_DIR": str(session_media_root.parent / "activation-cache"),
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -120,14 +133,14 @@ def wait_for_worker(queues: list[str], timeout_s: float = 60.0) -> None:
     raise TimeoutError(f"no worker consumed {queues} within {timeout_s:.0f} s")
 
 
-@pytest.fixture
-def celery_worker_process(worker_env: dict[str, str], tmp_path: Path):
-    """A real Celery worker process (prefork pool) serving every bucket queue."""
+@pytest.fixture(scope="session")
+def celery_worker_session(worker_env: dict[str, str], tmp_path_factory):
+    """A real Celery worker process (prefork pool) serving every bucket queue, shared by the test run."""
     from editing.routing import all_queues
     from editor_site.stack import worker_command
 
     queues = all_queues()
-    log_path = tmp_path / "worker.log"
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             worker_command(queues, name=f"test-{uuid.uuid4().hex[:8]}"),
@@ -144,6 +157,14 @@ def celery_worker_process(worker_env: dict[str, str], tmp_path: Path):
             process.kill()
             process.wait()
         sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
+
+
+@pytest.fixture
+def celery_worker_process(celery_worker_session, transactional_db, media_root):
+    """The shared worker, for a test whose rows it must see (committed, so transactional)."""
+    if celery_worker_session.poll() is not None:
+        pytest.fail(f"the test worker exited with code {celery_worker_session.returncode}")
+    return celery_worker_session
 
 
 @pytest.fixture

@@ -78,10 +78,10 @@ def test_rejects_file_over_byte_limit(api_client_for, media_root, settings):
 def test_rejected_upload_writes_nothing(api_client_for, media_root):
     from editing.models import Template
 
+    before = sorted(media_root.rglob("*"))
     upload(api_client_for(), b"garbage")
     assert Template.objects.count() == 0
-    stored = [path for path in media_root.rglob("*") if path.is_file()] if media_root.exists() else []
-    assert stored == []
+    assert sorted(media_root.rglob("*")) == before
 
 
 def test_other_user_cannot_see_or_download(api_client_for, media_root):

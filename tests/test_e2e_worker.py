@@ -18,6 +18,12 @@ pytestmark = pytest.mark.django_db(transaction=True)
 POLL_TIMEOUT_S = 300
 
 
+@pytest.fixture(autouse=True)
+def no_automatic_warmup(settings):
+    """Most tests here exercise the full path; the cache tests turn warm-ups back on."""
+    settings.EDITOR_WARMUP_ON_CREATE = False
+
+
 def poll_until_final(client, job_id: str, timeout_s: float = POLL_TIMEOUT_S) -> tuple[dict, list[float]]:
     deadline = time.monotonic() + timeout_s
     progress_seen: list[float] = []
@@ -97,3 +103,60 @@ def test_cancel_while_running_stops_job(api_client_for, celery_worker_process):
     body, _ = poll_until_final(client, job["id"])
     assert body["status"] == "cancelled"
     assert body["result_url"] is None
+
+
+def wait_for_warmup(client, template_id: int, timeout_s: float = POLL_TIMEOUT_S) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        cache = client.get(f"/api/templates/{template_id}/").json()["cache"]
+        if cache and cache["status"] in ("succeeded", "failed"):
+            return cache
+        time.sleep(0.2)
+    raise AssertionError(f"warm-up of template {template_id} did not finish within {timeout_s} s")
+
+
+def test_warmed_template_serves_masked_edit(api_client_for, celery_worker_process, settings):
+    settings.EDITOR_WARMUP_ON_CREATE = True
+    settings.EDITOR_DEFAULT_STEPS = 4
+    client = api_client_for("alice")
+    template = upload_template(client, PHOTOS / "coffee.png")
+    cache = wait_for_warmup(client, template["id"])
+    assert cache["status"] == "succeeded", cache["error"]
+    assert cache["cache_bytes"] > 0
+    assert (cache["steps"], cache["seed"]) == (4, 0)
+
+    mask = stroke_mask(600, 400)
+    hit = submit(client, template["id"], mask, steps=4)
+    body, _ = poll_until_final(client, hit["id"])
+    assert body["status"] == "succeeded", body["error"]
+    assert body["cache_outcome"] == "hit"
+    assert body["cache_used"] is True
+    assert 0 < body["flop_fraction"] < 0.6
+    result = np.asarray(Image.open(io.BytesIO(b"".join(client.get(body["result_url"]).streaming_content))))
+    original = imaging.read_template((PHOTOS / "coffee.png").read_bytes(), max_pixels=10**8, max_bytes=10**8)
+    outside = ~imaging.dilate(mask > 127, 16)
+    assert np.array_equal(result[..., :3][outside], original[outside])
+
+    other_seed = submit(client, template["id"], mask, steps=4, seed=7)
+    body, _ = poll_until_final(client, other_seed["id"])
+    assert body["status"] == "succeeded", body["error"]
+    assert body["cache_outcome"] == "miss_full"
+    assert body["cache_used"] is False
+
+
+def test_warm_endpoint_queues_warmup(api_client_for, celery_worker_process):
+    client = api_client_for("alice")
+    template = upload_template(client, PHOTOS / "chelsea.png")
+    response = client.post(f"/api/templates/{template['id']}/warm/", {"steps": 3, "seed": 5}, format="json")
+    assert response.status_code == 202, response.content
+    assert (response.json()["steps"], response.json()["seed"]) == (3, 5)
+    deadline = time.monotonic() + POLL_TIMEOUT_S
+    while True:
+        warmups = [w for w in [client.get(f"/api/templates/{template['id']}/").json()["cache"]] if w]
+        if warmups and warmups[0]["steps"] == 3 and warmups[0]["status"] == "succeeded":
+            break
+        assert time.monotonic() < deadline, "the requested warm-up never finished"
+        time.sleep(0.2)
+    job = submit(client, template["id"], stroke_mask(451, 300), steps=3, seed=5)
+    body, _ = poll_until_final(client, job["id"])
+    assert body["cache_outcome"] == "hit"

@@ -45,7 +45,8 @@ class EditResult:
     """The composited image and where the time went."""
 
     image: np.ndarray  # (H, W, 3) uint8, same size as the request image
-    timings_ms: dict[str, float]  # phases preprocess, denoise, decode, composite, in milliseconds
+    # Milliseconds per phase: preprocess, denoise (includes prompt and masked-image encoding), decode, composite.
+    timings_ms: dict[str, float]
     working_size: tuple[int, int]  # (width, height) the model ran at, after downscaling and padding
 
 

@@ -1,0 +1,401 @@
+"""Per-request latency of cached masked Flux Fill edits against the stock pipeline, by mask ratio.
+
+Run `python -m bench.mask_latency` (full run, writes docs/benchmarks/mask_latency.{json,md,png}) or
+`python -m bench.mask_latency --quick` (small model, under a minute, writes under var/bench/).
+A request is timed from the uint8 template and mask to PNG bytes of the composited result. Warm-up
+(cache building) is excluded from request latency and reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import FluxFillPipeline
+from PIL import Image
+
+from editing.imaging import composite, encode_png, feather_alpha, token_mask
+from workers.demo_model import ensure_demo_model
+from workers.masked.activations import TemplateActivations
+from workers.masked.edit import mask_to_pil, run_cached_edit
+from workers.masked.flops import TransformerShape, flop_speedup_limit, transformer_flops
+from workers.masked.token_layout import TokenLayout
+from workers.masked.warmup import warm_up_template
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE_PATH = REPO_ROOT / "demo" / "photos" / "astronaut.png"
+SIZE = 512
+SEED = 0
+GUIDANCE = 30.0
+FEATHER_PX = 8
+DILATION_TOKENS = 1
+WARMUP_PROMPT = ""
+EDIT_PROMPT = "replace the helmet with a bouquet of red flowers"
+# Same rule as the worker's cache policy (workers/caching.py): a masked pass that still needs at least 90%
+# of the full transformer FLOPs runs the stock computation instead.
+STOCK_ROUTE_FLOP_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    preset: str
+    steps: int
+    ratios: tuple[float, ...]
+    text_lengths: tuple[int, ...]
+    repeats: int
+    out_dir: Path
+
+
+@dataclass(frozen=True)
+class Row:
+    family: str
+    text_tokens: int
+    mask_ratio: float
+    target_ratio: float
+    baseline_s: float
+    cached_s: float
+    speedup: float
+    baseline_cpu_s: float
+    cached_cpu_s: float
+    flop_speedup_limit: float
+    masked_rel_diff: float
+    path: str
+
+
+def full_config(quick: bool) -> BenchConfig:
+    if quick:
+        return BenchConfig("test", 2, (0.11, 1.0), (128,), 1, REPO_ROOT / "var" / "bench")
+    return BenchConfig(
+        "bench", 8, (0.05, 0.11, 0.19, 0.35, 0.5, 1.0), (128, 512), 3, REPO_ROOT / "docs" / "benchmarks"
+    )
+
+
+def brush_mask(target_ratio: float, size: int = SIZE, patch: int = 16) -> np.ndarray:
+    """Return an elliptical brush mask whose dilated token mask covers about `target_ratio` of the tokens."""
+    if target_ratio >= 1.0:
+        return np.ones((size, size), dtype=bool)
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float64)
+    center_row, center_col = 0.42 * size, 0.5 * size
+
+    def mask_for(radius: float) -> np.ndarray:
+        # A 1.3:1 ellipse, taller than wide, like a brush stroke over a face or an object.
+        return ((rows - center_row) / (1.3 * radius)) ** 2 + ((cols - center_col) / radius) ** 2 <= 1.0
+
+    low, high = 1.0, float(size)
+    for _ in range(40):
+        radius = (low + high) / 2
+        ratio = token_mask(mask_for(radius), patch=patch, dilation=DILATION_TOKENS).mean()
+        if ratio < target_ratio:
+            low = radius
+        else:
+            high = radius
+    candidates = [mask_for(low), mask_for(high)]
+    errors = [abs(token_mask(m, patch=patch, dilation=DILATION_TOKENS).mean() - target_ratio) for m in candidates]
+    return candidates[int(np.argmin(errors))]
+
+
+def load_template() -> np.ndarray:
+    image = Image.open(TEMPLATE_PATH).convert("RGB")
+    if image.size != (SIZE, SIZE):
+        image = image.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def stock_request(pipe: FluxFillPipeline, image: np.ndarray, mask: np.ndarray, text_tokens: int, steps: int) -> bytes:
+    """Stock diffusers request: FluxFillPipeline.__call__, composite outside the feathered mask, PNG."""
+    output = pipe(
+        prompt=EDIT_PROMPT,
+        image=Image.fromarray(image),
+        mask_image=mask_to_pil(mask),
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        generator=torch.Generator(device="cpu").manual_seed(SEED),
+        max_sequence_length=text_tokens,
+    )
+    generated = np.asarray(output.images[0], dtype=np.uint8)
+    return encode_png(composite(image, generated, feather_alpha(mask, FEATHER_PX)))
+
+
+def uses_stock_route(shape: TransformerShape, text_tokens: int, layout: TokenLayout, variant: str) -> bool:
+    full = transformer_flops(shape, text_tokens, layout.num_tokens)
+    masked = transformer_flops(shape, text_tokens, layout.num_tokens, layout.num_masked, variant)  # type: ignore[arg-type]
+    return masked >= STOCK_ROUTE_FLOP_FRACTION * full
+
+
+def worker_request(
+    pipe: FluxFillPipeline,
+    activations: TemplateActivations,
+    image: np.ndarray,
+    mask: np.ndarray,
+    text_tokens: int,
+    steps: int,
+    stock_route: bool,
+) -> bytes:
+    """Worker request: the cached masked path, or the stock path when the plan routes the mask there."""
+    if stock_route:
+        return stock_request(pipe, image, mask, text_tokens, steps)
+    result = run_cached_edit(
+        pipe,
+        activations,
+        image,
+        mask,
+        EDIT_PROMPT,
+        seed=SEED,
+        steps=steps,
+        guidance_scale=GUIDANCE,
+        max_sequence_length=text_tokens,
+        dilation=DILATION_TOKENS,
+        feather_px=FEATHER_PX,
+    )
+    return encode_png(result.image)
+
+
+def timed(function: Callable[[], object]) -> tuple[float, float]:
+    """Return (wall-clock seconds, CPU seconds of this process) of one call."""
+    start_cpu = time.process_time()
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def masked_relative_difference(
+    pipe: FluxFillPipeline,
+    activations: TemplateActivations,
+    image: np.ndarray,
+    mask: np.ndarray,
+    layout: TokenLayout,
+    text_tokens: int,
+    steps: int,
+) -> float:
+    """Relative L2 difference of final latents on the masked tokens: cached masked path vs full computation."""
+    full = pipe(
+        prompt=EDIT_PROMPT,
+        image=Image.fromarray(image),
+        mask_image=mask_to_pil(mask),
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        generator=torch.Generator(device="cpu").manual_seed(SEED),
+        max_sequence_length=text_tokens,
+        output_type="latent",
+    ).images[0]
+    cached = run_cached_edit(
+        pipe,
+        activations,
+        image,
+        mask,
+        EDIT_PROMPT,
+        seed=SEED,
+        steps=steps,
+        guidance_scale=GUIDANCE,
+        max_sequence_length=text_tokens,
+        dilation=DILATION_TOKENS,
+        feather_px=FEATHER_PX,
+    ).latents
+    masked = layout.masked
+    difference = torch.linalg.vector_norm(cached[masked] - full[masked])
+    return float(difference / torch.linalg.vector_norm(full[masked]))
+
+
+def measure_row(
+    pipe: FluxFillPipeline,
+    activations: TemplateActivations,
+    image: np.ndarray,
+    target_ratio: float,
+    text_tokens: int,
+    config: BenchConfig,
+) -> Row:
+    mask = brush_mask(target_ratio)
+    layout = TokenLayout.from_pixel_mask(mask, patch=2 * pipe.vae_scale_factor, dilation=DILATION_TOKENS)
+    shape = TransformerShape.from_config(pipe.transformer.config)
+    variant = activations.metadata.variant
+    stock_route = uses_stock_route(shape, text_tokens, layout, variant)
+
+    baseline_times: list[tuple[float, float]] = []
+    cached_times: list[tuple[float, float]] = []
+    ratios: list[float] = []
+    for _ in range(config.repeats):
+        # Back-to-back pairs, so load from other processes affects both sides of each ratio alike.
+        baseline = timed(lambda: stock_request(pipe, image, mask, text_tokens, config.steps))
+        cached = timed(
+            lambda: worker_request(pipe, activations, image, mask, text_tokens, config.steps, stock_route)
+        )
+        baseline_times.append(baseline)
+        cached_times.append(cached)
+        ratios.append(baseline[0] / cached[0])
+
+    if stock_route:
+        rel_diff = 0.0
+    else:
+        rel_diff = masked_relative_difference(pipe, activations, image, mask, layout, text_tokens, config.steps)
+    limit = 1.0 if stock_route else flop_speedup_limit(shape, text_tokens, layout.num_tokens, layout.num_masked, variant)
+    row = Row(
+        family="flux",
+        text_tokens=text_tokens,
+        mask_ratio=round(layout.ratio, 4),
+        target_ratio=target_ratio,
+        baseline_s=round(statistics.median(wall for wall, _ in baseline_times), 4),
+        cached_s=round(statistics.median(wall for wall, _ in cached_times), 4),
+        speedup=round(statistics.median(ratios), 3),
+        baseline_cpu_s=round(statistics.median(cpu for _, cpu in baseline_times), 4),
+        cached_cpu_s=round(statistics.median(cpu for _, cpu in cached_times), 4),
+        flop_speedup_limit=round(limit, 3),
+        masked_rel_diff=round(rel_diff, 5),
+        path="stock" if stock_route else "cached",
+    )
+    logger.info("%s", row)
+    return row
+
+
+def run(config: BenchConfig) -> tuple[list[Row], dict[str, object]]:
+    model_dir = ensure_demo_model(REPO_ROOT / "var" / "models", config.preset)
+    pipe = FluxFillPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    # channels_last roughly halves the CPU time of the VAE convolutions; both paths share this VAE.
+    pipe.vae.to(memory_format=torch.channels_last)
+    image = load_template()
+    rows: list[Row] = []
+    warmups: dict[str, float] = {}
+    for text_tokens in config.text_lengths:
+        start = time.perf_counter()
+        activations = warm_up_template(
+            pipe,
+            image,
+            seed=SEED,
+            steps=config.steps,
+            guidance_scale=GUIDANCE,
+            prompt=WARMUP_PROMPT,
+            max_sequence_length=text_tokens,
+        )
+        warmups[str(text_tokens)] = round(time.perf_counter() - start, 3)
+        logger.info("Warm-up at %d text tokens: %.2f s, %.1f MiB", text_tokens, warmups[str(text_tokens)], activations.nbytes / 2**20)
+        # One untimed request per path first, so one-time kernel and allocator setup is not timed.
+        first_mask = brush_mask(config.ratios[0])
+        stock_request(pipe, image, first_mask, text_tokens, config.steps)
+        worker_request(pipe, activations, image, first_mask, text_tokens, config.steps, stock_route=False)
+        for target_ratio in config.ratios:
+            rows.append(measure_row(pipe, activations, image, target_ratio, text_tokens, config))
+
+    environment = {
+        "machine": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "preset": config.preset,
+        "steps": config.steps,
+        "resolution": f"{SIZE}x{SIZE}",
+        "repeats": config.repeats,
+        "vae_memory_format": "channels_last (both paths)",
+        "load_average_at_end": os.getloadavg()[0],
+        "warmup_s": warmups,
+        "cache_mib": round(activations.nbytes / 2**20, 1),
+    }
+    return rows, environment
+
+
+def write_markdown(rows: list[Row], environment: dict[str, object], path: Path) -> None:
+    lines = [
+        "# Mask latency: cached masked Flux Fill vs stock FluxFillPipeline",
+        "",
+        "Generated by `python -m bench.mask_latency`. One request is timed from the uint8 template and mask to",
+        "the PNG bytes of the composited result, for both paths, on the same components, seed and resolution.",
+        "Times are medians of back-to-back repeats, and `speedup` is the median of per-repeat wall-clock ratios.",
+        "CPU columns are the CPU seconds of the benchmark process, which other processes on the machine do not",
+        "inflate as much as wall-clock time. `flop_speedup_limit` is transformer FLOPs full / masked",
+        "(workers/masked/flops.py). `masked_rel_diff` is the relative L2 difference of final latents on the",
+        "masked tokens between the cached path and the full computation, with a prompt other than the warm-up's.",
+        "Rows with `path = stock` were routed to the stock computation because the masked pass would need at",
+        "least 90% of the full FLOPs.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {key} | {value} |" for key, value in environment.items()]
+    lines += [
+        "",
+        "| text_tokens | mask_ratio | baseline_s | cached_s | speedup | flop_speedup_limit | speedup / limit "
+        "| baseline_cpu_s | cached_cpu_s | cpu speedup | masked_rel_diff | path |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.text_tokens} | {row.mask_ratio:.3f} | {row.baseline_s:.3f} | {row.cached_s:.3f} | "
+            f"{row.speedup:.2f} | {row.flop_speedup_limit:.2f} | {row.speedup / row.flop_speedup_limit:.0%} | "
+            f"{row.baseline_cpu_s:.3f} | {row.cached_cpu_s:.3f} | {row.baseline_cpu_s / row.cached_cpu_s:.2f} | "
+            f"{row.masked_rel_diff:.4f} | {row.path} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for text_tokens in sorted({row.text_tokens for row in rows}):
+        selected = [row for row in rows if row.text_tokens == text_tokens]
+        ratios = [row.mask_ratio for row in selected]
+        (line,) = axis.plot(ratios, [row.speedup for row in selected], marker="o", label=f"measured, {text_tokens} text tokens")
+        axis.plot(
+            ratios,
+            [row.flop_speedup_limit for row in selected],
+            linestyle="--",
+            color=line.get_color(),
+            label=f"FLOP limit, {text_tokens} text tokens",
+        )
+    axis.axhline(1.0, color="grey", linewidth=0.8)
+    axis.set_xlabel("mask ratio (fraction of image tokens recomputed)")
+    axis.set_ylabel("speedup over stock pipeline (x)")
+    axis.set_title("Cached masked Flux Fill: request speedup vs mask ratio")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small model, 2 steps, 2 ratios; writes under var/bench/")
+    parser.add_argument("--out-dir", type=Path, default=None, help="folder for mask_latency.{json,md,png}")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 3, quick 1)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    config = full_config(args.quick)
+    if args.out_dir is not None or args.repeats is not None:
+        config = BenchConfig(
+            config.preset,
+            config.steps,
+            config.ratios,
+            config.text_lengths,
+            args.repeats or config.repeats,
+            args.out_dir or config.out_dir,
+        )
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    rows, environment = run(config)
+    (config.out_dir / "mask_latency.json").write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
+    write_markdown(rows, environment, config.out_dir / "mask_latency.md")
+    write_plot(rows, config.out_dir / "mask_latency.png")
+    logger.info("Wrote %s", config.out_dir / "mask_latency.json")
+
+
+if __name__ == "__main__":
+    main()

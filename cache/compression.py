@@ -3,7 +3,9 @@
 int8 and fp8 are symmetric with one fp32 scale per token, taken as the absolute maximum over the
 last dimension (the channel dimension of K/V and hidden states, shape [..., tokens, channels]).
 Per-token scales keep a token with large activations from crushing the precision of the others.
-The default codec is chosen from the measurements in docs/cache.md.
+`fp16` stores 2 bytes per value: float16, except for bf16 tensors and tensors with values beyond
+the float16 range, which it stores as bfloat16. The default codec is chosen from the measurements
+in docs/cache.md.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ SCALE_SUFFIX = "#scale"
 _FLOAT_CODECS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _INT8_MAX = 127.0
 _FP8_MAX = 448.0  # largest finite value of float8_e4m3fn
+_FP16_MAX = 65504.0  # largest finite value of float16
 
 
 def fp8_supported() -> bool:
@@ -79,6 +82,10 @@ def encode(tensors: Mapping[str, torch.Tensor], codec: Codec) -> dict[str, torch
 
 
 def _encode_one(name: str, tensor: torch.Tensor, codec: Codec) -> dict[str, torch.Tensor]:
+    if codec == "fp16" and _needs_bfloat16(tensor):
+        # Same 2 bytes per value: bf16 sources stay lossless, and values beyond the float16 range
+        # would otherwise become inf. Decoding casts whatever float type was stored.
+        return {name: tensor.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()}
     if codec in _FLOAT_CODECS:
         return {name: tensor.detach().to(device="cpu", dtype=_FLOAT_CODECS[codec]).contiguous()}
     if tensor.dim() == 0:
@@ -94,6 +101,12 @@ def _encode_one(name: str, tensor: torch.Tensor, codec: Codec) -> dict[str, torc
     else:
         quantized = scaled.clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
     return {name: quantized.contiguous(), name + SCALE_SUFFIX: scale.contiguous()}
+
+
+def _needs_bfloat16(tensor: torch.Tensor) -> bool:
+    if tensor.dtype == torch.bfloat16:
+        return True
+    return tensor.numel() > 0 and bool(tensor.detach().abs().amax() > _FP16_MAX)
 
 
 def decode_tensor(

@@ -3,8 +3,8 @@
 `BlockLoader` walks a fixed order of (step, block) pairs on a background thread and keeps at
 most `depth` decoded blocks waiting. On CPU the thread reads (from memory or a disk file),
 verifies and decodes. On CUDA it also stages the encoded tensors in pinned host buffers, copies
-them on a separate `torch.cuda.Stream` and records one `torch.cuda.Event` per block; `get`
-makes the compute stream wait on that event instead of blocking the host.
+them on a separate `torch.cuda.Stream` and records one `torch.cuda.Event` per block. `get` then
+makes the compute stream wait on that event, so the host does not block on the copy.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class BlockTensors:
 
 
 class BlockCacheSource(Protocol):
-    """What the masked engine reads cached activations through."""
+    """Protocol through which the masked engine reads cached activations."""
 
     def get(self, step: int, block: int) -> BlockTensors: ...
 

@@ -95,7 +95,7 @@ class CacheMetrics:
             state.last_used = time.time()
 
     def key_placed(self, digest: str, tier: str | None, size_bytes: int) -> None:
-        """Record where `digest` lives now; tier None forgets the key."""
+        """Record the tier `digest` is stored in now; tier None removes the key's summary."""
         with self._lock:
             if tier is None:
                 self._keys.pop(digest, None)

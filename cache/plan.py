@@ -8,7 +8,7 @@ Cost model per transformer block, all times in seconds:
   thread, so loads run one after another.
 
 Per step the first k blocks run in full, which needs no cache, while loads of later blocks run
-ahead; the other blocks run masked and wait for their load. `plan_masked` predicts the finish
+ahead. The other blocks run masked and wait for their load. `plan_masked` predicts the finish
 time for every k, takes the fastest, and prefers full recompute (no cache at all) unless the
 cache is predicted at least `min_gain` faster.
 """
@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy
+
+from cache.metrics import CacheMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +137,13 @@ def plan_masked(
     block_bytes: int,
     depth: int | None = None,
     min_gain: float = 0.05,
+    metrics: CacheMetrics | None = None,
 ) -> LoadPlan:
     """Choose k (full blocks per step) minimizing predicted time, or no cache when that is not faster.
 
     `min_gain` is the fraction by which the cache must beat full recompute to be used, because
-    prediction errors of a few percent would otherwise make the cached path slower.
+    prediction errors of a few percent would otherwise make the cached path slower. `metrics`, if
+    given, counts the decision.
     """
     if steps <= 0 or blocks <= 0:
         raise ValueError(f"steps={steps} and blocks={blocks} are invalid; both must be > 0.")
@@ -166,6 +170,8 @@ def plan_masked(
             f"full recompute predicted {full_recompute_s:.3f} s; best cached plan (k={best_k}) "
             f"{best_s:.3f} s is not {min_gain:.0%} faster"
         )
+        if metrics is not None:
+            metrics.record_plan("full_recompute")
         return LoadPlan(False, None, full_recompute_s, sequential_s, full_recompute_s, by_k, reason)
     if best_k == 0:
         reason = f"loads keep up with masked compute; all blocks from cache, predicted {best_s:.3f} s"
@@ -174,19 +180,26 @@ def plan_masked(
             f"{best_k} full block(s) per step hide load time; predicted {best_s:.3f} s vs "
             f"{by_k[0]:.3f} s with k=0 and {full_recompute_s:.3f} s full recompute"
         )
+    if metrics is not None:
+        metrics.record_plan("cache" if best_k == 0 else "cache_with_full_prefix")
     return LoadPlan(True, best_k, best_s, sequential_s, full_recompute_s, by_k, reason)
 
 
-def fit_compute_model(token_counts: Sequence[int], seconds: Sequence[float]) -> ComputeModel:
-    """Fit c0 + c1 * n + c2 * n^2 to full-block timings at n tokens (least squares).
+def fit_compute_model(
+    token_counts: Sequence[int], seconds: Sequence[float], *, key_tokens: int | None = None
+) -> ComputeModel:
+    """Fit the compute model to per-block timings at `token_counts` query tokens (least squares).
 
-    With fewer than 3 token counts the quadratic term is dropped.
+    Without `key_tokens`, timings are full blocks (q = kv = n) and the fit is c0 + c1 * n + c2 * n^2,
+    dropping the quadratic term below 3 points. With `key_tokens`, every timing attended to that
+    many tokens (masked runs of one resolution), so q * kv is linear in q: the fit is c0 + c1 * q
+    and predictions hold for that key token count only.
     """
     if len(token_counts) != len(seconds) or len(token_counts) < 2:
         raise ValueError(f"need at least 2 (tokens, seconds) pairs of equal length; got {len(token_counts)}.")
     tokens = numpy.asarray(token_counts, dtype=numpy.float64)
     columns = [numpy.ones_like(tokens), tokens]
-    if len(token_counts) >= 3:
+    if key_tokens is None and len(token_counts) >= 3:
         columns.append(tokens * tokens)
     solution, *_ = numpy.linalg.lstsq(numpy.stack(columns, axis=1), numpy.asarray(seconds), rcond=None)
     c2 = float(solution[2]) if len(solution) > 2 else 0.0

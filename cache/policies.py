@@ -6,9 +6,9 @@ policy of the Caffeine cache:
 
 * a small LRU *window* takes every new entry, so a template that was just warmed up survives the
   edits that usually follow it;
-* the *main* region is a segmented LRU (probation, protected) and holds entries that won a duel:
-  when space is needed, the oldest window entry (the candidate) is compared with the oldest main
-  entry (the victim) by access frequency, and the less frequent one is evicted;
+* the *main* region is a segmented LRU (probation, protected) of entries that won a duel. When
+  space is needed, the oldest window entry (the candidate) is compared with the oldest main entry
+  (the victim) by request frequency, and the less frequent one is evicted;
 * frequencies count every request, hits and misses, including keys that are not resident, and
   are halved every `aging_period` requests, so popularity ages and a shifted hot set takes over.
 
@@ -143,9 +143,9 @@ class LfuPolicy(EvictionPolicy):
 class FrequencyHistory:
     """Request counts per key, halved every `aging_period` requests.
 
-    An exact dict stands in for TinyLFU's count-min sketch: the number of distinct templates per
-    worker is small, and halving drops keys whose count reaches 0, which bounds the dict to the
-    keys seen within the last few periods. Counts saturate at 15 like TinyLFU's 4-bit counters.
+    An exact dict replaces TinyLFU's count-min sketch, because a worker sees few distinct
+    templates. Halving drops keys whose count reaches 0, which bounds the dict to the keys seen
+    within the last few periods. Counts saturate at 15 like TinyLFU's 4-bit counters.
     """
 
     MAX_COUNT = 15
@@ -180,8 +180,9 @@ class WTinyLfuPolicy(EvictionPolicy):
 
     Defaults come from a sweep on the traces of bench/cache_policy.py (window 1-20 %, aging 10-40
     requests per entry, docs/cache.md). With 10 requests per entry, a burst of one-off templates
-    longer than the aging period halves hot counts to 0, and a one-off with count 1 wins the duel. With 40, a burst shorter than 40 x the resident entry count
-    halves hot counts at most once.
+    longer than the aging period halves hot counts to 0, and a one-off with count 1 wins the duel.
+    A burst shorter than the aging period (40 x the estimated resident entry count) halves hot
+    counts at most once.
     """
 
     AGING_REQUESTS_PER_ENTRY = 40

@@ -3,8 +3,8 @@
 Budget invariant: `resident bytes + reserved bytes <= budget_bytes` at every moment. Bytes are
 reserved before an entry is materialized (encoded or read from disk), and an evicted entry keeps
 its bytes reserved until its spill to disk finishes, because its tensors stay alive until then.
-The budget counts tensors the store owns; a reader that keeps an evicted entry alive holds that
-memory outside the budget.
+The budget counts tensors the store owns. A reader that keeps an evicted entry alive keeps that
+memory in use outside the budget.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ Tier = Literal["memory", "disk"]
 
 @dataclass(frozen=True)
 class StoreStats:
-    """Snapshot of the memory tier. Byte counts are in bytes; `peak_bytes` is resident + reserved."""
+    """Snapshot of the memory tier, sizes in bytes. `peak_bytes` is the maximum of resident + reserved."""
 
     budget_bytes: int
     resident_bytes: int
@@ -49,7 +49,7 @@ class StoreStats:
 
 @dataclass
 class _Reservation:
-    """Bytes held for one incoming entry; `victims` are spilled before the bytes are usable."""
+    """Bytes reserved for one incoming entry. The `victims` are spilled before the bytes are usable."""
 
     size: int
     held: int
@@ -57,14 +57,14 @@ class _Reservation:
 
 
 class BudgetError(RuntimeError):
-    """The store's byte accounting broke its invariant; this is a bug, never an expected state."""
+    """Error raised when the byte accounting breaks its invariant, which only a bug can cause."""
 
 
 class ActivationStore:
     """Thread-safe memory tier of the activation cache under `budget_bytes` (EDITOR_CACHE_BYTES).
 
-    `codec` encodes tensors given to `put_tensors`; `reservation_timeout_s` bounds how long a
-    request waits for bytes that other in-flight loads hold before it gives up.
+    `codec` encodes tensors given to `put_tensors`. `reservation_timeout_s` bounds how long a
+    request waits for bytes reserved by other in-flight loads before it gives up.
     """
 
     def __init__(
@@ -100,9 +100,9 @@ class ActivationStore:
     # Reads -----------------------------------------------------------------------------------
 
     def get(self, key: CacheKey) -> CacheEntry | None:
-        """Return the entry from memory, or promote it from disk; None on a miss.
+        """Return the entry from memory or promote it from disk, or return None on a miss.
 
-        An entry larger than the whole memory budget is not promoted; read it block by block
+        An entry larger than the whole memory budget is not promoted. Read it block by block
         through `open_disk_reader`.
         """
         digest = key.digest()
@@ -186,7 +186,7 @@ class ActivationStore:
         blocks: int,
         extra: Mapping[str, str] | None = None,
     ) -> Tier | None:
-        """Encode `tensors` with the store codec and store them; returns the tier they landed in.
+        """Encode `tensors` with the store codec, store them and return the tier they landed in.
 
         Bytes are reserved before encoding, so the encoded copy never pushes memory over budget.
         """
@@ -197,7 +197,8 @@ class ActivationStore:
         size = encoded_nbytes_of(tensors, self.codec)
         reservation = self._reserve_for_put(key, size)
         if reservation is None:
-            # Too large for memory: encode for the disk tier, outside the memory budget.
+            # NOTE: an entry too large for memory is encoded in full for the disk write, so this
+            # transient copy is not counted against the memory budget.
             return self._write_to_disk(key, CacheEntry(encode(tensors, self.codec), meta))
         try:
             entry = CacheEntry(encode(tensors, self.codec), meta)
@@ -208,7 +209,7 @@ class ActivationStore:
         return "memory"
 
     def put(self, key: CacheKey, entry: CacheEntry) -> Tier | None:
-        """Store an already encoded entry; returns the tier it landed in, or None if dropped."""
+        """Store an already encoded entry and return the tier it landed in, or None if dropped."""
         reservation = self._reserve_for_put(key, entry.nbytes)
         if reservation is None:
             return self._write_to_disk(key, entry)
@@ -233,7 +234,7 @@ class ActivationStore:
         return None
 
     def drop(self, key: CacheKey) -> bool:
-        """Remove the key from every tier; returns True if it was stored anywhere."""
+        """Remove the key from every tier and return True if it was stored anywhere."""
         digest = key.digest()
         with self._condition:
             found = self._entries.pop(digest, None)
@@ -241,20 +242,23 @@ class ActivationStore:
                 self._resident -= found[1].nbytes
                 self.policy.on_remove(digest)
                 self._condition.notify_all()
+            # A spilling entry keeps its bytes reserved until its spill ends. The spill then finds the
+            # key gone and removes the file it wrote.
+            spilling = self._spilling.pop(digest, None)
         on_disk = self.disk.remove(key) if self.disk is not None else False
         self.metrics.key_placed(digest, None, 0)
         self._update_gauges()
-        return found is not None or on_disk
+        return found is not None or spilling is not None or on_disk
 
     # Budget accounting -------------------------------------------------------------------------
 
     def _reserve(self, digest: str, size: int) -> _Reservation | None:
-        """Hold `size` bytes, evicting by policy; None if it does not fit within the timeout."""
+        """Reserve `size` bytes, evicting by policy. Returns None if they are not free within the timeout."""
         if size > self.budget_bytes:
             return None
         deadline = time.monotonic() + self.reservation_timeout_s
         with self._condition:
-            # Resident entries can be evicted; reserved bytes belong to in-flight work that ends soon.
+            # Resident entries can be evicted, but reserved bytes belong to in-flight work, so wait for it.
             while self.budget_bytes - self._reserved < size:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self._condition.wait(remaining):
@@ -290,9 +294,14 @@ class ActivationStore:
         for digest, key, entry in reservation.victims:
             if self.disk is not None and not self.disk.contains(key):
                 self.disk.write(key, entry)
+                with self._condition:
+                    dropped = digest not in self._spilling
+                if dropped:
+                    # drop() ran during the write; do not bring the entry back.
+                    self.disk.remove(key)
             self.metrics.increment("editor_cache_evictions_total", tier="memory")
-            self.metrics.key_placed(digest, "disk" if self.disk is not None and self.disk.contains(key) else None,
-                                    entry.nbytes)
+            on_disk = self.disk is not None and self.disk.contains(key)
+            self.metrics.key_placed(digest, "disk" if on_disk else None, entry.nbytes)
         with self._condition:
             for digest, _, _ in reservation.victims:
                 self._spilling.pop(digest, None)

@@ -35,8 +35,8 @@ def make_activations(
 ) -> dict[str, torch.Tensor]:
     """Return K and V per step and block, each [tokens, channels], shaped like attention activations.
 
-    Values are Gaussian with a few high-magnitude channels and per-token magnitude spread, the two
-    features of real transformer K/V that make per-token quantization scales necessary.
+    Values are Gaussian with a few high-magnitude channels and a per-token magnitude spread, so a
+    single scale per tensor would waste precision on most tokens.
     """
     generator = torch.Generator().manual_seed(seed)
     outlier_channels = torch.randperm(channels, generator=generator)[: max(1, channels // 64)]

@@ -93,3 +93,19 @@ def test_encode_rejects_reserved_suffix() -> None:
 def test_check_codec_rejects_unknown() -> None:
     with pytest.raises(ValueError, match="int4"):
         check_codec("int4")
+
+
+def test_fp16_keeps_bfloat16_exact() -> None:
+    tensors = {"s000.b00.k": torch.randn(8, 16).to(torch.bfloat16)}
+    encoded = encode(tensors, "fp16")
+
+    assert encoded["s000.b00.k"].dtype == torch.bfloat16
+    assert torch.equal(decode(encoded, "fp16", torch.bfloat16)["s000.b00.k"], tensors["s000.b00.k"])
+
+
+def test_fp16_out_of_range_stays_finite() -> None:
+    tensors = {"s000.b00.hidden": torch.tensor([[1.0e6, -2.0e5, 3.0]])}
+    decoded = decode(encode(tensors, "fp16"), "fp16", torch.float32)["s000.b00.hidden"]
+
+    assert torch.isfinite(decoded).all()
+    assert torch.allclose(decoded, tensors["s000.b00.hidden"], rtol=2.0**-8)

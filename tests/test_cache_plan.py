@@ -152,3 +152,14 @@ def test_profile_blocks_fits_measurements(monkeypatch: pytest.MonkeyPatch) -> No
     assert profile.compute.seconds(1024, 1024) == pytest.approx(0.001 + 2e-8 * 1024 * 1024, rel=1e-6)
     assert profile.load.bandwidth_bytes_per_s == pytest.approx(1e9, rel=1e-6)
     assert profile.load.latency_s == pytest.approx(0.0005, rel=1e-4)
+
+
+def test_fit_compute_model_fixed_key_tokens() -> None:
+    # Masked runs at one resolution: 0.01 + 0.002 * q seconds, whatever the key token count.
+    queries = [100, 400, 1024]
+    seconds = [0.01 + 0.002 * q for q in queries]
+
+    model = fit_compute_model(queries, seconds, key_tokens=1024)
+
+    assert model.c2 == 0.0
+    assert model.seconds(700, 1024) == pytest.approx(0.01 + 0.002 * 700)

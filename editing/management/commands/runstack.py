@@ -9,11 +9,11 @@ import time
 
 from django.conf import settings
 from django.core.management import call_command
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from editing.routing import all_queues
 from editor_site.broker import embedded_url_file
-from editor_site.stack import ProcessGroup, start_embedded_redis, wait_for_port, worker_command
+from editor_site.stack import ProcessGroup, port_in_use, start_embedded_redis, wait_for_port, worker_command
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ class Command(BaseCommand):
         parser.add_argument("--no-worker", action="store_true", help="Do not start a Celery worker.")
 
     def handle(self, *args, port: int, no_worker: bool, **options) -> None:
+        if port_in_use(port):
+            raise CommandError(f"Port {port} on 127.0.0.1 is already in use; stop that server or set PORT to a free port.")
         var_dir = settings.VAR_DIR
         var_dir.mkdir(parents=True, exist_ok=True)
         call_command("migrate", interactive=False, verbosity=0)

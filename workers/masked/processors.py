@@ -151,15 +151,30 @@ class CachedFluxAttnProcessor:
         self.source = source
         self.variant = variant
         self.unmasked = unmasked
+        # Keys and values of one call, (1, heads, S_fresh + N_unmasked, head_dim), reused across steps because
+        # allocating and concatenating them anew on every call costs more than the copies themselves.
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
 
-    def _cached_key_value(self, attn: FluxAttention) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return cached unmasked keys and values, shape (1, heads, N_unmasked, head_dim)."""
+    def _buffers(self, fresh_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, fresh_tokens, heads, head_dim = fresh_key.shape
+        shape = (batch, heads, fresh_tokens + self.unmasked.indices.numel(), head_dim)
+        if self._key_buffer is None or self._key_buffer.shape != shape or self._key_buffer.dtype != fresh_key.dtype:
+            self._key_buffer = fresh_key.new_empty(shape)
+            self._value_buffer = fresh_key.new_empty(shape)
+        assert self._value_buffer is not None
+        return self._key_buffer, self._value_buffer
+
+    def _fill_cached(self, attn: FluxAttention, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+        """Write the cached unmasked keys and values into `key_cache` and `value_cache`, (heads, N_unmasked, head_dim)."""
         entry = self.source.get(self.cursor.step, self.block)
         indices = self.unmasked.indices
         if self.variant == "kv":
             if entry.k is None or entry.v is None:
                 raise ValueError(f"Cached block {self.block} at step {self.cursor.step} has no K/V tensors.")
-            return entry.k.index_select(1, indices).unsqueeze(0), entry.v.index_select(1, indices).unsqueeze(0)
+            torch.index_select(entry.k, 1, indices, out=key_cache)
+            torch.index_select(entry.v, 1, indices, out=value_cache)
+            return
 
         if entry.hidden is None:
             raise ValueError(f"Cached block {self.block} at step {self.cursor.step} has no hidden states.")
@@ -168,7 +183,8 @@ class CachedFluxAttnProcessor:
         value = attn.to_v(hidden).unflatten(-1, (-1, attn.head_dim))
         assert self.unmasked.rotary is not None
         key = apply_rotary_emb(key, self.unmasked.rotary, sequence_dim=1)
-        return key.transpose(1, 2), value.transpose(1, 2)
+        key_cache.copy_(key[0].transpose(0, 1))
+        value_cache.copy_(value[0].transpose(0, 1))
 
     def __call__(
         self,
@@ -185,12 +201,15 @@ class CachedFluxAttnProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        cached_key, cached_value = self._cached_key_value(attn)
-        # (B, S, heads, head_dim) -> (B, heads, S, head_dim), then keys = fresh tokens + cached unmasked tokens.
-        query = query.transpose(1, 2)
-        key = torch.cat([key.transpose(1, 2), cached_key], dim=2)
-        value = torch.cat([value.transpose(1, 2), cached_value], dim=2)
+        if key.shape[0] != 1:
+            raise ValueError(f"CachedFluxAttnProcessor supports batch size 1, got {key.shape[0]}.")
+        # Keys and values in (1, heads, tokens, head_dim): fresh text and masked tokens, then cached unmasked ones.
+        fresh_tokens = key.shape[1]
+        key_buffer, value_buffer = self._buffers(key)
+        key_buffer[:, :, :fresh_tokens].copy_(key.transpose(1, 2))
+        value_buffer[:, :, :fresh_tokens].copy_(value.transpose(1, 2))
+        self._fill_cached(attn, key_buffer[0, :, fresh_tokens:], value_buffer[0, :, fresh_tokens:])
 
-        attended = F.scaled_dot_product_attention(query, key, value)
+        attended = F.scaled_dot_product_attention(query.transpose(1, 2), key_buffer, value_buffer)
         attended = attended.transpose(1, 2).flatten(2, 3).to(query.dtype)
         return _output(attn, attended, encoder_hidden_states)

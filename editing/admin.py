@@ -34,7 +34,7 @@ def image_response(field_file, *, filename: str) -> FileResponse:
 
 
 def thumbnail(url: str, alt: str, *, width: int, height: int, box_px: int) -> str:
-    """An <img> of an image of `width` x `height` pixels, scaled down to fit a `box_px` square."""
+    """Build an <img> tag for an image of `width` x `height` pixels, scaled down to fit a `box_px` square."""
     scale = min(1.0, box_px / max(width, height, 1))
     return format_html(
         '<img src="{}" alt="{}" width="{}" height="{}" loading="lazy">',
@@ -55,7 +55,7 @@ def timings_table(timings: dict | None) -> str:
 
 
 def timings_summary(timings: dict | None) -> str:
-    """One line for list pages: "denoise 3.4 s · total 4.1 s"."""
+    """Summarize timings in one line for list pages: the slowest phase and the total."""
     rows = phase_timings(timings)
     if not rows:
         return "—"

@@ -164,12 +164,12 @@ CACHE_VARIANT_LABELS = {
 
 
 def cache_variant_label(variant: str) -> str:
-    """The translated name of a cache variant; unknown values are shown as they are."""
+    """Return the translated name of a cache variant, or an unknown value as it is."""
     return str(CACHE_VARIANT_LABELS.get(variant, variant))
 
 
 def cache_outcome_label(outcome: str) -> str:
-    """The translated description of a cache outcome; unknown values are shown as they are."""
+    """Return the translated description of a cache outcome, or an unknown value as it is."""
     try:
         return str(CacheOutcome(outcome).label)
     except ValueError:

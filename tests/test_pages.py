@@ -158,7 +158,8 @@ def test_history_lists_own_jobs_with_timings_and_cache(alice_client, coffee_job,
     html = alice_client.get("/history/").content.decode()
 
     assert "a blue ceramic cup" in html
-    assert "bob&#x27;s secret prompt" not in html and "bob's secret prompt" not in html
+    assert "bob&#x27;s secret prompt" not in html
+    assert "bob's secret prompt" not in html
     assert "load: 120 ms" in html
     assert "denoise: 3.5 s" in html
     assert str(CacheOutcome.HIT.label) in html

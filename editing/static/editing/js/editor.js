@@ -228,6 +228,7 @@ function onShortcut(event) {
 async function submitJob(event) {
   event.preventDefault();
   clearErrors(document.body);
+
   if (!state.template) {
     setError($("template-panel"), $("template-error"), messages.no_template);
     $("template-heading").scrollIntoView();
@@ -238,6 +239,7 @@ async function submitJob(event) {
     $("stage-scroller").focus();
     return;
   }
+
   const body = new FormData();
   body.append("template", String(state.template.id));
   body.append("mask", await mask.toPngBlob(), "mask.png");
@@ -246,6 +248,7 @@ async function submitJob(event) {
     const value = $(name).value.trim();
     if (value !== "") body.append(name, value);
   }
+
   $("job-submit").disabled = true;
   $("job-message").textContent = messages.submitting;
   try {

@@ -9,8 +9,8 @@ const FINAL_STATUSES = new Set(["succeeded", "failed", "cancelled"]);
 /**
  * Estimate of the seconds left, from the progress rate since the job's first observed progress.
  *
- * The rate is measured from the first poll that saw the job running, so time spent loading the
- * model before the first step counts toward the rate; the estimate falls as steps go by.
+ * The rate is measured from the first poll that saw the job running. Time spent loading the model
+ * before the first step therefore counts toward the rate, and the estimate falls as steps go by.
  */
 export class TimeLeftEstimator {
   constructor(now = () => performance.now()) {

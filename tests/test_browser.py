@@ -63,8 +63,8 @@ JAPANESE = Language("ja", "ja-JP", "青い釉薬の陶器のカップ", "完了"
 def browser(monkeypatch):
     from playwright.sync_api import sync_playwright
 
-    # Playwright's sync API runs an event loop in this thread, and Django refuses ORM calls from a
-    # thread with a running loop unless told that this use is safe (the loop never awaits the ORM).
+    # Playwright's sync API runs an event loop in this thread. Django rejects ORM calls from a thread
+    # with a running loop unless this variable marks them as safe, which they are: nothing awaits them.
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     with sync_playwright() as playwright:
         instance = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -191,6 +191,13 @@ def visible_text(page) -> str:
     )
 
 
+def mask_coverage_percent(page) -> float:
+    """The mask's share of the image as the page reports it, in percent."""
+    match = re.search(r"(\d+(?:\.\d+)?)%", page.inner_text("#mask-coverage"))
+    assert match, page.inner_text("#mask-coverage")
+    return float(match.group(1))
+
+
 def english_words(text: str) -> set[str]:
     return {word for word in re.findall(r"[A-Za-z]{2,}", text) if word not in ALLOWED_LATIN}
 
@@ -273,6 +280,15 @@ def test_edit_flow_in_japanese(browser, live_server, celery_worker_process, alic
     history_text = visible_text(page)
     assert JAPANESE.prompt in history_text
     assert english_words(history_text) == set()
+
+    # Re-run: the editor reloads template, mask, prompt and settings of the job.
+    page.click(f"#job-{job_id} >> text=もう一度編集")
+    page.wait_for_selector("body[data-editor-ready=true]")
+    assert page.input_value("#prompt") == JAPANESE.prompt
+    assert page.input_value("#steps") == "4"
+    assert page.input_value("#seed") == "3"
+    assert page.get_attribute(".gallery-item[aria-pressed=true]", "data-template-id") is not None
+    assert mask_coverage_percent(page) > 0
     assert errors == []
 
 
@@ -300,3 +316,57 @@ def test_api_errors_shown_next_to_fields(browser, live_server, alice, no_warmups
     assert english_words(steps_error) <= {"steps"}, steps_error
     assert page.is_hidden("#job-panel")
     assert [error for error in errors if "400" not in error] == []
+
+
+def test_mask_tools(browser, live_server, alice, no_warmups, media_root):
+    """Brush, eraser, rectangle, undo, redo, invert and clear, driven by mouse and keyboard."""
+    page, errors = new_page(browser, ENGLISH)
+    log_in(page, live_server.url, "alice", "pw-alice")
+    upload_template(page, COFFEE)
+    assert mask_coverage_percent(page) == 0
+
+    paint_strokes(page, STROKES, COFFEE_SIZE)
+    painted = mask_coverage_percent(page)
+    # Each stroke is one undo step.
+    page.click("#mask-undo")
+    first_stroke = mask_coverage_percent(page)
+    assert 0 < first_stroke < painted
+    page.click("#mask-undo")
+    assert mask_coverage_percent(page) == 0
+    assert page.is_disabled("#mask-undo")
+    page.click("#mask-redo")
+    assert mask_coverage_percent(page) == first_stroke
+    page.click("#mask-redo")
+    assert mask_coverage_percent(page) == painted
+    assert page.is_disabled("#mask-redo")
+
+    page.click("#mask-invert")
+    assert mask_coverage_percent(page) == pytest.approx(100 - painted, abs=0.2)
+    page.click("#mask-clear")
+    assert mask_coverage_percent(page) == 0
+
+    # Keyboard: R selects the rectangle tool; a 200 x 100 px box at half zoom covers 1/12 of the image.
+    page.focus("#stage-scroller")
+    page.keyboard.press("r")
+    assert page.is_checked("input[name=mask-tool][value=rectangle]")
+    page.click("#zoom-fit")
+    page.click("#zoom-out")
+    box = page.locator("#mask-canvas").bounding_box()
+    scale = box["width"] / COFFEE_SIZE[0]
+    assert scale < 1
+    page.mouse.move(box["x"] + 100 * scale, box["y"] + 100 * scale)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 300 * scale, box["y"] + 200 * scale, steps=5)
+    page.mouse.up()
+    assert mask_coverage_percent(page) == pytest.approx(100 * 200 * 100 / (600 * 400), abs=0.5)
+
+    # The eraser removes part of the rectangle; Ctrl+Z brings it back.
+    page.keyboard.press("e")
+    page.mouse.move(box["x"] + 100 * scale, box["y"] + 150 * scale)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 300 * scale, box["y"] + 150 * scale, steps=5)
+    page.mouse.up()
+    assert mask_coverage_percent(page) < 100 * 200 * 100 / (600 * 400) - 1
+    page.keyboard.press("Control+z")
+    assert mask_coverage_percent(page) == pytest.approx(100 * 200 * 100 / (600 * 400), abs=0.5)
+    assert errors == []

@@ -34,14 +34,14 @@ class BlockActivations:
 
 
 class BlockCacheSource(Protocol):
-    """Supplier of cached block activations; the cache layer may load them from host memory or disk."""
+    """Supplier of cached block activations. The cache layer may load them from host memory or disk."""
 
     def get(self, step: int, block: int) -> BlockActivations: ...
 
 
 @dataclass(frozen=True)
 class ActivationsMetadata:
-    """Settings of the warm-up run; a masked request must use the same ones to reuse the cache."""
+    """Settings of the warm-up run. A masked request must use the same ones to reuse the cache."""
 
     variant: Variant
     num_steps: int
@@ -135,7 +135,7 @@ class TemplateActivations:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: ActivationsMetadata) -> TemplateActivations:
-        """Rebuild from `to_tensors()` output; raises ValueError when a step or block is missing."""
+        """Rebuild from `to_tensors()` output. Raises ValueError when a tensor of some step or block is missing."""
         if _LATENTS_NAME not in tensors:
             raise ValueError("Missing tensor 'latents' in cached activations; store the output of to_tensors().")
         parts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}

@@ -54,7 +54,8 @@ def token_grid(pipe: FluxFillPipeline, height: int, width: int) -> tuple[int, in
     patch = 2 * pipe.vae_scale_factor
     if height % patch or width % patch:
         raise ValueError(
-            f"Image size {height}x{width} is not a multiple of the {patch}-pixel token size; pad it first."
+            f"Image size {height}x{width} is not a multiple of the {patch}-pixel token size. "
+            f"Pad it to a multiple of {patch} first."
         )
     return height // patch, width // patch
 
@@ -96,6 +97,8 @@ def skip_initial_draws(
     With strength 1.0 the stock pipeline VAE-encodes the whole input image (sampling one latent-shaped normal
     draw) and then draws the initial noise, which equals the template's cached initial latents. Drawing the same
     shapes here skips that encode while keeping the masked-image encode on the same random stream.
+    NOTE: this mirrors `FluxFillPipeline.__call__` of diffusers 0.42 with strength 1.0. The exactness tests fail
+    if a diffusers update changes the order or shapes of those draws.
     """
     grid_h, grid_w = token_grid(pipe, height, width)
     shape = (1, pipe.vae.config.latent_channels, 2 * grid_h, 2 * grid_w)

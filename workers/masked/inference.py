@@ -60,8 +60,8 @@ def check_compatible(metadata: ActivationsMetadata, inputs: MaskedDenoiseInputs,
     for name, (cached, requested) in expected.items():
         if cached != requested:
             raise ValueError(
-                f"Request {name}={requested!r} does not match the cached activations ({cached!r}); "
-                "warm the template up again with the request's settings."
+                f"Request {name}={requested!r} does not match the cached activations ({cached!r}). "
+                "Warm the template up again with the request's settings."
             )
 
 
@@ -108,6 +108,9 @@ def denoise_masked(
     The first `full_prefix_blocks` blocks of every step run on all tokens, taking the unmasked tokens' latents
     from the cached trajectory. The remaining blocks run on text and masked tokens, which attend to cached K/V of
     the unmasked tokens. With `full_prefix_blocks` >= the number of blocks this is the stock computation.
+
+    NOTE: this swaps the transformer's attention processors for the duration of the call, so callers must not
+    run two requests on one pipeline at the same time (the worker runner holds `LoadedModel.lock`).
     """
     transformer = pipe.transformer
     total_blocks = len(processor_names(transformer))

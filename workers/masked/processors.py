@@ -145,7 +145,7 @@ class CachedFluxAttnProcessor:
         unmasked: UnmaskedTokens,
     ) -> None:
         if variant == "hidden" and unmasked.rotary is None:
-            raise ValueError("variant='hidden' needs the rotary embedding of the unmasked tokens; got None.")
+            raise ValueError("Missing UnmaskedTokens.rotary: variant='hidden' needs the unmasked tokens' rotary embedding.")
         self.block = block
         self.cursor = cursor
         self.source = source
@@ -195,14 +195,14 @@ class CachedFluxAttnProcessor:
         image_rotary_emb: RotaryEmbedding | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if attention_mask is not None:
-            raise ValueError("CachedFluxAttnProcessor does not support attention_mask; pass None.")
+            raise ValueError("CachedFluxAttnProcessor does not support attention_mask. Pass attention_mask=None.")
         query, key, value = _project(attn, hidden_states, encoder_hidden_states)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         if key.shape[0] != 1:
-            raise ValueError(f"CachedFluxAttnProcessor supports batch size 1, got {key.shape[0]}.")
+            raise ValueError(f"CachedFluxAttnProcessor supports batch size 1 only, got {key.shape[0]}. Run one request at a time.")
         # Keys and values in (1, heads, tokens, head_dim): fresh text and masked tokens, then cached unmasked ones.
         fresh_tokens = key.shape[1]
         key_buffer, value_buffer = self._buffers(key)

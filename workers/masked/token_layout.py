@@ -31,13 +31,13 @@ class TokenLayout:
 
     @classmethod
     def from_token_mask(cls, token_mask: np.ndarray | torch.Tensor) -> TokenLayout:
-        """Build from a boolean (grid_h, grid_w) token mask; raises ValueError when it selects no token."""
+        """Build from a boolean (grid_h, grid_w) token mask. Raises ValueError when it selects no token."""
         mask = torch.as_tensor(np.asarray(token_mask), dtype=torch.bool)
         if mask.ndim != 2:
             raise ValueError(f"token_mask must have shape (grid_h, grid_w), got {tuple(mask.shape)}.")
         flat = mask.reshape(-1)
         if not bool(flat.any()):
-            raise ValueError("token_mask selects no token; a masked edit needs at least one masked pixel.")
+            raise ValueError("token_mask selects no token. A masked edit needs at least one masked pixel.")
         masked = torch.nonzero(flat, as_tuple=False).reshape(-1)
         unmasked = torch.nonzero(~flat, as_tuple=False).reshape(-1)
         return cls(grid=(int(mask.shape[0]), int(mask.shape[1])), masked=masked, unmasked=unmasked)

@@ -22,7 +22,7 @@ ProgressCallback = Callable[[int, int], None]
 
 
 def to_pil_image(image: np.ndarray | Image.Image) -> Image.Image:
-    """Convert a uint8 (H, W, 3) array to an RGB PIL image; PIL images pass through."""
+    """Convert a uint8 (H, W, 3) array to an RGB PIL image. PIL images are converted to RGB."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     array = np.asarray(image)

@@ -370,3 +370,46 @@ def test_mask_tools(browser, live_server, alice, no_warmups, media_root):
     page.keyboard.press("Control+z")
     assert mask_coverage_percent(page) == pytest.approx(100 * 200 * 100 / (600 * 400), abs=0.5)
     assert errors == []
+
+
+def test_time_left_estimate(browser, live_server, alice):
+    """The estimate extrapolates the progress rate seen since the first running poll."""
+    page, errors = new_page(browser, ENGLISH)
+    log_in(page, live_server.url, "alice", "pw-alice")
+    estimates = page.evaluate(
+        """async () => {
+            const { TimeLeftEstimator } = await import("/static/editing/js/job_monitor.js");
+            let now = 0;
+            const estimator = new TimeLeftEstimator(() => now);
+            const first = estimator.update(0.1);
+            now = 2000;
+            const stalled = estimator.update(0.1);
+            now = 4000;
+            const moving = estimator.update(0.3);
+            return [first, stalled, moving];
+        }"""
+    )
+    assert estimates[0] is None
+    assert estimates[1] is None
+    # 0.2 of the job in 4 s leaves 0.7 at 20 s per unit: 14 s.
+    assert estimates[2] == pytest.approx(14.0)
+    assert errors == []
+
+
+def test_cancel_running_job(browser, live_server, celery_worker_process, alice, no_warmups):
+    page, errors = new_page(browser, ENGLISH)
+    log_in(page, live_server.url, "alice", "pw-alice")
+    upload_template(page, COFFEE)
+    paint_strokes(page, STROKES, COFFEE_SIZE)
+    page.fill("#prompt", ENGLISH.prompt)
+    page.fill("#steps", "100")
+    page.click("#job-submit")
+    page.wait_for_function("document.getElementById('job-status').textContent === 'running'", timeout=JOB_TIMEOUT_MS)
+
+    page.click("#job-cancel")
+    page.wait_for_function("document.getElementById('job-status').textContent === 'cancelled'", timeout=JOB_TIMEOUT_MS)
+
+    assert page.inner_text("#job-message") == "The job was cancelled."
+    assert page.is_hidden("#result-panel")
+    assert page.is_enabled("#job-submit")
+    assert errors == []

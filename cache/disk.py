@@ -49,6 +49,16 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(raw.numpy()).hexdigest()
 
 
+def _tensor_bytes(path: Path, file_size: int) -> int:
+    """Return the bytes after the safetensors header: an 8-byte little-endian length, then JSON.
+
+    A damaged length gives a wrong value here; reading the file then fails its checks.
+    """
+    with open(path, "rb") as handle:
+        header_length = int.from_bytes(handle.read(8), "little")
+    return max(0, file_size - 8 - header_length)
+
+
 def estimate_file_bytes(entry: CacheEntry) -> int:
     """Return an upper bound of the file size `DiskTier.write` produces for `entry`."""
     return entry.nbytes + _HEADER_BYTES_BASE + _HEADER_BYTES_PER_TENSOR * len(entry.tensors)
@@ -119,6 +129,7 @@ class DiskTier:
         self.metrics = metrics or CacheMetrics()
         self._lock = threading.Lock()
         self._files: OrderedDict[str, int] = OrderedDict()  # digest -> file bytes, LRU first
+        self._entry_nbytes: dict[str, int] = {}  # digest -> tensor bytes, the file minus its header
         self._used = 0
         self._reserved = 0
         self._writable = self._prepare_directory()
@@ -130,10 +141,10 @@ class DiskTier:
         with self._lock:
             return key.digest() in self._files
 
-    def size_of(self, key: CacheKey) -> int | None:
-        """Return the file size in bytes, or None when the key has no file."""
+    def entry_nbytes_of(self, key: CacheKey) -> int | None:
+        """Return the tensor bytes of the key's entry (its size once read into memory), or None."""
         with self._lock:
-            return self._files.get(key.digest())
+            return self._entry_nbytes.get(key.digest())
 
     @property
     def used_bytes(self) -> int:
@@ -180,6 +191,7 @@ class DiskTier:
             self._reserved -= estimate
             if size:
                 self._files[digest] = size
+                self._entry_nbytes[digest] = entry.nbytes
                 self._used += size
         self._update_gauges()
         if size:
@@ -214,11 +226,13 @@ class DiskTier:
             if size > self.budget_bytes:
                 return False
             old_size = self._files.pop(digest, None)
+            self._entry_nbytes.pop(digest, None)
             if old_size is not None:
                 self._used -= old_size
                 removed.append(digest)
             while self._used + self._reserved + size > self.budget_bytes and self._files:
                 victim, victim_size = self._files.popitem(last=False)
+                self._entry_nbytes.pop(victim, None)
                 self._used -= victim_size
                 removed.append(victim)
             fits = self._used + self._reserved + size <= self.budget_bytes
@@ -274,6 +288,7 @@ class DiskTier:
         digest = key.digest()
         with self._lock:
             size = self._files.pop(digest, None)
+            self._entry_nbytes.pop(digest, None)
             if size is not None:
                 self._used -= size
         if size is None:
@@ -302,8 +317,15 @@ class DiskTier:
             logger.warning("cache directory %s is unusable, disk tier disabled: %s", self.directory, error)
             return False
         for path in found:
-            size = path.stat().st_size
-            self._files[path.name[: -len(FILE_SUFFIX)]] = size
+            try:
+                size = path.stat().st_size
+                entry_nbytes = _tensor_bytes(path, size)
+            except OSError as error:
+                logger.warning("cache file %s is unreadable and was skipped: %s", path.name, error)
+                continue
+            digest = path.name[: -len(FILE_SUFFIX)]
+            self._files[digest] = size
+            self._entry_nbytes[digest] = entry_nbytes
             self._used += size
         if not os.access(self.directory, os.W_OK):
             logger.warning("cache directory %s is not writable; existing files stay readable", self.directory)

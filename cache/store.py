@@ -131,7 +131,7 @@ class ActivationStore:
 
     def _promote(self, key: CacheKey) -> CacheEntry | None:
         digest = key.digest()
-        size = self.disk.size_of(key) if self.disk is not None else None
+        size = self.disk.entry_nbytes_of(key) if self.disk is not None else None
         if size is None:
             self._count_miss()
             return None

@@ -168,3 +168,17 @@ def test_store_resident_bytes_match_entries(tmp_path: Path) -> None:
     )
     assert store.stats().resident_bytes <= store.budget_bytes
     assert store.stats().resident_bytes == expected
+
+
+def test_store_corrupt_spill_is_miss(tmp_path: Path) -> None:
+    store = make_store(tmp_path, entries=1)
+    store.put_tensors(make_key(0), activations(), steps=2, blocks=2)
+    store.put_tensors(make_key(1), activations(), steps=2, blocks=2)
+    path = store.disk.path_of(make_key(0))  # type: ignore[union-attr]
+    path.write_bytes(path.read_bytes()[:-7])
+
+    assert store.get(make_key(0)) is None
+    assert store.tier_of(make_key(0)) is None
+    assert not path.exists()
+    assert store.stats().misses == 1
+    assert store.stats().reserved_bytes == 0

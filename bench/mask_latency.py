@@ -113,8 +113,28 @@ def load_template() -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def stock_request(pipe: FluxFillPipeline, image: np.ndarray, mask: np.ndarray, text_tokens: int, steps: int) -> bytes:
+@dataclass
+class LatentCapture:
+    """Final packed latents (N_img, 64) of the last request that stored them."""
+
+    latents: torch.Tensor | None = None
+
+
+def stock_request(
+    pipe: FluxFillPipeline,
+    image: np.ndarray,
+    mask: np.ndarray,
+    text_tokens: int,
+    steps: int,
+    capture: LatentCapture | None = None,
+) -> bytes:
     """Stock diffusers request: FluxFillPipeline.__call__, composite outside the feathered mask, PNG."""
+
+    def keep_final_latents(_pipe: FluxFillPipeline, index: int, _t: torch.Tensor, tensors: dict) -> dict:
+        if capture is not None and index == steps - 1:
+            capture.latents = tensors["latents"][0].clone()
+        return {}
+
     output = pipe(
         prompt=EDIT_PROMPT,
         image=Image.fromarray(image),
@@ -125,6 +145,7 @@ def stock_request(pipe: FluxFillPipeline, image: np.ndarray, mask: np.ndarray, t
         guidance_scale=GUIDANCE,
         generator=torch.Generator(device="cpu").manual_seed(SEED),
         max_sequence_length=text_tokens,
+        callback_on_step_end=keep_final_latents if capture is not None else None,
     )
     generated = np.asarray(output.images[0], dtype=np.uint8)
     return encode_png(composite(image, generated, feather_alpha(mask, FEATHER_PX)))
@@ -144,6 +165,7 @@ def worker_request(
     text_tokens: int,
     steps: int,
     stock_route: bool,
+    capture: LatentCapture | None = None,
 ) -> bytes:
     """Worker request: the cached masked path, or the stock path when the plan routes the mask there."""
     if stock_route:
@@ -161,6 +183,8 @@ def worker_request(
         dilation=DILATION_TOKENS,
         feather_px=FEATHER_PX,
     )
+    if capture is not None:
+        capture.latents = result.latents
     return encode_png(result.image)
 
 
@@ -172,44 +196,10 @@ def timed(function: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def masked_relative_difference(
-    pipe: FluxFillPipeline,
-    activations: TemplateActivations,
-    image: np.ndarray,
-    mask: np.ndarray,
-    layout: TokenLayout,
-    text_tokens: int,
-    steps: int,
-) -> float:
-    """Relative L2 difference of final latents on the masked tokens: cached masked path vs full computation."""
-    full = pipe(
-        prompt=EDIT_PROMPT,
-        image=Image.fromarray(image),
-        mask_image=mask_to_pil(mask),
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=steps,
-        guidance_scale=GUIDANCE,
-        generator=torch.Generator(device="cpu").manual_seed(SEED),
-        max_sequence_length=text_tokens,
-        output_type="latent",
-    ).images[0]
-    cached = run_cached_edit(
-        pipe,
-        activations,
-        image,
-        mask,
-        EDIT_PROMPT,
-        seed=SEED,
-        steps=steps,
-        guidance_scale=GUIDANCE,
-        max_sequence_length=text_tokens,
-        dilation=DILATION_TOKENS,
-        feather_px=FEATHER_PX,
-    ).latents
-    masked = layout.masked
-    difference = torch.linalg.vector_norm(cached[masked] - full[masked])
-    return float(difference / torch.linalg.vector_norm(full[masked]))
+def relative_difference_on(masked: torch.Tensor, actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative L2 difference of packed latents (N_img, 64) on the token indices `masked`."""
+    difference = torch.linalg.vector_norm(actual[masked] - expected[masked])
+    return float(difference / torch.linalg.vector_norm(expected[masked]))
 
 
 def measure_row(
@@ -229,20 +219,22 @@ def measure_row(
     baseline_times: list[tuple[float, float]] = []
     cached_times: list[tuple[float, float]] = []
     ratios: list[float] = []
+    full = LatentCapture()
+    cached = LatentCapture()
     for _ in range(config.repeats):
         # Back-to-back pairs, so load from other processes affects both sides of each ratio alike.
-        baseline = timed(lambda: stock_request(pipe, image, mask, text_tokens, config.steps))
-        cached = timed(
-            lambda: worker_request(pipe, activations, image, mask, text_tokens, config.steps, stock_route)
+        baseline_time = timed(lambda: stock_request(pipe, image, mask, text_tokens, config.steps, full))
+        cached_time = timed(
+            lambda: worker_request(pipe, activations, image, mask, text_tokens, config.steps, stock_route, cached)
         )
-        baseline_times.append(baseline)
-        cached_times.append(cached)
-        ratios.append(baseline[0] / cached[0])
+        baseline_times.append(baseline_time)
+        cached_times.append(cached_time)
+        ratios.append(baseline_time[0] / cached_time[0])
 
-    if stock_route:
-        rel_diff = 0.0
-    else:
-        rel_diff = masked_relative_difference(pipe, activations, image, mask, layout, text_tokens, config.steps)
+    rel_diff = 0.0
+    if not stock_route:
+        assert full.latents is not None and cached.latents is not None
+        rel_diff = relative_difference_on(layout.masked, cached.latents, full.latents)
     limit = 1.0 if stock_route else flop_speedup_limit(shape, text_tokens, layout.num_tokens, layout.num_masked, variant)
     row = Row(
         family="flux",

@@ -185,7 +185,9 @@ EDITOR_CACHE_VARIANT = env_str("EDITOR_CACHE_VARIANT", "kv")
 if EDITOR_CACHE_VARIANT not in ("kv", "hidden"):
     raise ImproperlyConfigured(f"EDITOR_CACHE_VARIANT={EDITOR_CACHE_VARIANT!r} must be 'kv' or 'hidden'.")
 EDITOR_WARMUP_ON_CREATE = env_bool("EDITOR_WARMUP_ON_CREATE", True)
-EDITOR_WORKER_HEARTBEAT_S = env_int("EDITOR_WORKER_HEARTBEAT_S", 5, minimum=1)
+# A running job that has written no progress for this long is taken over by the next worker that
+# receives its message; it must exceed the slowest single phase (model load, one step, decode).
+EDITOR_STALE_RUNNING_S = env_int("EDITOR_STALE_RUNNING_S", 600, minimum=10)
 
 LOGGING = {
     "version": 1,

@@ -14,6 +14,7 @@ import numpy as np
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.db import close_old_connections
+from django.utils import timezone
 
 from editing import imaging, jobstate, warmups
 from editing.models import CacheOutcome, CacheWarmup, EditJob, JobStatus
@@ -86,11 +87,15 @@ def execute_job(job_id: str, *, worker: str, redelivered: bool = False) -> None:
         jobstate.fail(job.pk, error=f"The job was interrupted {job.attempts} times; giving up.")
         logger.error("job %s failed after %d attempts", job_id, job.attempts)
         return
-    if not jobstate.claim(job.pk, worker=worker, allow_restart=True):
+    # A running job is taken over only when its previous worker is gone: the broker redelivered the
+    # message, or the job has written no progress for EDITOR_STALE_RUNNING_S. A duplicate message of a
+    # job that is running elsewhere is otherwise a no-op.
+    stale = (timezone.now() - job.updated_at).total_seconds() > settings.EDITOR_STALE_RUNNING_S
+    if not jobstate.claim(job.pk, worker=worker, allow_restart=redelivered or stale):
         logger.info("job %s could not be claimed (status %s); skipping", job_id, job.status)
         return
-    if job.status == JobStatus.RUNNING or redelivered:
-        logger.warning("job %s restarts after an interrupted attempt", job_id)
+    if job.status == JobStatus.RUNNING:
+        logger.warning("job %s restarts after an interrupted attempt on %s", job_id, job.worker or "a worker")
 
     timings: dict[str, float] = {}
     try:

@@ -22,7 +22,7 @@ from workers.masked.conditioning import (
 )
 from workers.masked.processors import CachedFluxAttnProcessor, RotaryEmbedding, StepCursor, UnmaskedTokens
 from workers.masked.token_layout import TokenLayout
-from workers.masked.transformer_blocks import blocks_in_order, processor_names
+from workers.masked.transformer_blocks import blocks_in_order, swap_attention_processors
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def denoise_masked(
     run two requests on one pipeline at the same time (the worker runner holds `LoadedModel.lock`).
     """
     transformer = pipe.transformer
-    total_blocks = len(processor_names(transformer))
+    total_blocks = len(blocks_in_order(transformer))
     if full_prefix_blocks < 0:
         raise ValueError(f"full_prefix_blocks must be >= 0, got {full_prefix_blocks}.")
     check_compatible(activations.metadata, inputs, inputs.embedding.prompt_embeds.dtype)
@@ -173,28 +173,24 @@ def _denoise_masked_tokens(
     masked_conditioning = inputs.conditioning.index_select(1, masked)
 
     cursor = StepCursor()
-    unmasked_rotary = transformer.pos_embed(image_ids.index_select(0, unmasked))
-    unmasked_tokens = UnmaskedTokens(
-        indices=unmasked, rotary=unmasked_rotary if activations.metadata.variant == "hidden" else None
-    )
-    original = transformer.attn_processors
-    names = processor_names(transformer)
-    processors: dict[str, Any] = {}
-    for block, name in enumerate(names):
-        if block < full_prefix_blocks:
-            processors[name] = original[name]
-        else:
-            processors[name] = CachedFluxAttnProcessor(
-                block, cursor, source, activations.metadata.variant, unmasked_tokens
-            )
+    variant = activations.metadata.variant
+    unmasked_rotary = transformer.pos_embed(image_ids.index_select(0, unmasked)) if variant == "hidden" else None
+    unmasked_tokens = UnmaskedTokens(indices=unmasked, rotary=unmasked_rotary)
+    blocks = blocks_in_order(transformer)
+    processors: list[object] = [
+        block.attn.processor
+        if index < full_prefix_blocks
+        else CachedFluxAttnProcessor(index, cursor, source, variant, unmasked_tokens)
+        for index, block in enumerate(blocks)
+    ]
 
     hooks = []
     if full_prefix_blocks > 0:
         masked_rotary = transformer.pos_embed(torch.cat((embedding.text_ids, masked_ids), dim=0))
-        hooks = _install_token_gather(blocks_in_order(transformer), full_prefix_blocks, masked, masked_rotary)
+        hooks = _install_token_gather(blocks, full_prefix_blocks, masked, masked_rotary)
 
     latents = trajectory[0].index_select(0, masked).unsqueeze(0)
-    transformer.set_attn_processor(processors)
+    original = swap_attention_processors(transformer, processors)
     try:
         for index, t in enumerate(timesteps):
             cursor.step = index
@@ -223,7 +219,7 @@ def _denoise_masked_tokens(
     finally:
         for hook in hooks:
             hook.remove()
-        transformer.set_attn_processor(original)
+        swap_attention_processors(transformer, original)
 
     final = trajectory[-1].clone()
     final[masked] = latents[0]

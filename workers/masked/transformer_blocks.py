@@ -15,3 +15,18 @@ def processor_names(transformer: FluxTransformer2DModel) -> list[str]:
 
 def blocks_in_order(transformer: FluxTransformer2DModel) -> list[torch.nn.Module]:
     return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+
+def swap_attention_processors(transformer: FluxTransformer2DModel, processors: list[object]) -> list[object]:
+    """Install `processors` in global block order and return the ones they replace.
+
+    Sets each block's `attn` processor directly, which avoids the module-tree walks of
+    `attn_processors` and `set_attn_processor` on every request.
+    """
+    blocks = blocks_in_order(transformer)
+    if len(processors) != len(blocks):
+        raise ValueError(f"Expected {len(blocks)} attention processors (one per block), got {len(processors)}.")
+    previous = [block.attn.processor for block in blocks]
+    for block, processor in zip(blocks, processors):
+        block.attn.set_processor(processor)
+    return previous

@@ -16,6 +16,7 @@ from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.urls import reverse
+from django.utils.text import capfirst
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
@@ -149,12 +150,13 @@ def total_text(rows: list[PhaseTiming]) -> str:
 
 
 def cache_labels() -> dict[str, str]:
-    return {
+    labels = {
         "cache_used": _("cache used"),
         "cache_outcome": _("cache outcome"),
         "cache_variant": _("cache variant"),
         "flop_fraction": _("computed FLOPs"),
     }
+    return {name: capfirst(label) for name, label in labels.items()}
 
 
 CACHE_VARIANT_LABELS = {

@@ -243,6 +243,13 @@ def test_edit_flow_in_english(browser, live_server, celery_worker_process, alice
     assert_mask_follows_strokes(mask)
     assert_edit_kept_outside_of_mask(result, mask)
     assert result.shape[:2] == (COFFEE_SIZE[1], COFFEE_SIZE[0])
+
+    page.goto(live_server.url + "/history/")
+    row = page.locator(f"#job-{job_id}")
+    assert row.get_attribute("data-status") == "succeeded"
+    assert "denoise:" in row.inner_text()
+    page.wait_for_function("[...document.images].every((image) => image.complete)")
+    page.screenshot(path=str(SCREENSHOTS / "history.png"), full_page=True)
     assert errors == []
 
     django_user_model.objects.create_superuser(username="admin", password="pw-admin")

@@ -4,7 +4,8 @@
 // only changes its CSS size. Painted pixels are opaque in the canvas's alpha channel, and the
 // exported PNG is white where alpha >= 128 and black elsewhere.
 
-const PAINT_COLOR = "rgb(255, 0, 102)";
+const PAINT_RGB = [255, 0, 102];
+const PAINT_COLOR = `rgb(${PAINT_RGB.join(", ")})`;
 const ALPHA_THRESHOLD = 128;
 // Undo snapshots keep the alpha channel only: width * height bytes each.
 const UNDO_BYTES_BUDGET = 256 * 1024 * 1024;
@@ -162,7 +163,7 @@ export class MaskCanvas {
 
   // --- Reading the mask.
 
-  /** Fraction of image pixels in the mask, 0..1. */
+  /** Return the fraction of image pixels in the mask, 0..1. */
   coverage() {
     if (!this.loaded) return 0;
     const alpha = this.readAlpha();
@@ -202,11 +203,11 @@ export class MaskCanvas {
 
   writeAlpha(alpha) {
     const image = new ImageData(this.width, this.height);
-    // PAINT_COLOR as RGB; the canvas shows it at the stage's CSS opacity.
+    // The canvas shows the paint color at the stage's CSS opacity.
     for (let i = 0; i < alpha.length; i++) {
-      image.data[i * 4] = 255;
-      image.data[i * 4 + 1] = 0;
-      image.data[i * 4 + 2] = 102;
+      image.data[i * 4] = PAINT_RGB[0];
+      image.data[i * 4 + 1] = PAINT_RGB[1];
+      image.data[i * 4 + 2] = PAINT_RGB[2];
       image.data[i * 4 + 3] = alpha[i];
     }
     this.context.putImageData(image, 0, 0);

@@ -22,12 +22,11 @@ from django.utils.translation import gettext_lazy
 
 from editing.api.serializers import JobSerializer
 from editing.models import CacheOutcome, EditJob, JobStatus
+from editing.warmups import DEFAULT_GUIDANCE
 
 logger = logging.getLogger(__name__)
 
 HISTORY_PAGE_SIZE = 20
-# Guidance the API applies when a request leaves it out.
-DEFAULT_GUIDANCE = 30.0
 # Job fields describing the activation cache, shown when the job API returns them.
 CACHE_FIELDS = ("cache_used", "cache_outcome", "cache_variant", "flop_fraction")
 

@@ -184,6 +184,8 @@ EDITOR_MASK_DILATION_TOKENS = env_int("EDITOR_MASK_DILATION_TOKENS", 1, minimum=
 EDITOR_CACHE_VARIANT = env_str("EDITOR_CACHE_VARIANT", "kv")
 if EDITOR_CACHE_VARIANT not in ("kv", "hidden"):
     raise ImproperlyConfigured(f"EDITOR_CACHE_VARIANT={EDITOR_CACHE_VARIANT!r} must be 'kv' or 'hidden'.")
+# Bearer token that lets a Prometheus scraper read /metrics without a staff session; empty disables it.
+EDITOR_METRICS_TOKEN = env_str("EDITOR_METRICS_TOKEN")
 EDITOR_WARMUP_ON_CREATE = env_bool("EDITOR_WARMUP_ON_CREATE", True)
 # A running job that has written no progress for this long is taken over by the next worker that
 # receives its message; it must exceed the slowest single phase (model load, one step, decode).

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
 from PIL import Image
 
 from editing import imaging
@@ -115,7 +116,7 @@ def wait_for_warmup(client, template_id: int, timeout_s: float = POLL_TIMEOUT_S)
     raise AssertionError(f"warm-up of template {template_id} did not finish within {timeout_s} s")
 
 
-def test_warmed_template_serves_masked_edit(api_client_for, celery_worker_process, settings):
+def test_warmed_template_serves_masked_edit(api_client_for, celery_worker_process, settings, django_user_model):
     settings.EDITOR_WARMUP_ON_CREATE = True
     settings.EDITOR_DEFAULT_STEPS = 4
     client = api_client_for("alice")
@@ -136,6 +137,11 @@ def test_warmed_template_serves_masked_edit(api_client_for, celery_worker_proces
     original = imaging.read_template((PHOTOS / "coffee.png").read_bytes(), max_pixels=10**8, max_bytes=10**8)
     outside = ~imaging.dilate(mask > 127, 16)
     assert np.array_equal(result[..., :3][outside], original[outside])
+
+    client_for_staff = Client()
+    client_for_staff.force_login(django_user_model.objects.create_user("ops", is_staff=True))
+    metrics = client_for_staff.get("/metrics").content.decode()
+    assert 'editor_cache_hits_total{worker="' in metrics
 
     other_seed = submit(client, template["id"], mask, steps=4, seed=7)
     body, _ = poll_until_final(client, other_seed["id"])

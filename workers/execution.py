@@ -19,6 +19,7 @@ from django.utils import timezone
 from editing import imaging, jobstate, warmups
 from editing.models import CacheOutcome, CacheWarmup, EditJob, JobStatus
 from workers import caching
+from workers.metrics_publisher import publish_metrics
 from workers.model_loading import get_model
 from workers.runner import EditRequest, JobCancelled, RunnerSettings, prepare_working_inputs, run_edit
 
@@ -124,6 +125,7 @@ def execute_job(job_id: str, *, worker: str, redelivered: bool = False) -> None:
         cache_key=decision.key.digest() if decision.key else "",
         flop_fraction=decision.flop_fraction,
     )
+    publish_metrics(worker)
     if decision.queue_warmup:
         warmups.request_warmup(job.template, seed=job.seed, steps=job.steps, guidance=job.guidance)
     logger.info(
@@ -197,6 +199,7 @@ def execute_warmup(warmup_id: int, *, worker: str) -> None:
         logger.exception("warm-up %s of template %s failed", warmup_id, warmup.template_id)
         warmups.fail(warmup.pk, error=f"{type(error).__name__}: {error}")
         return
+    publish_metrics(worker)
     warmups.succeed(
         warmup.pk, cache_key=outcome.key.digest(), cache_bytes=outcome.nbytes, tier=outcome.tier,
         timings=outcome.timings_ms,

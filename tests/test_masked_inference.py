@@ -283,3 +283,17 @@ def test_changed_content_differs_from_full(pipe, embedding, cache, variant) -> N
     assert relative_difference(full[masked], activations.latents[-1][masked]) > 0.05
     assert relative_difference(latents[masked], full[masked]) > 100 * TOLERANCE
     assert relative_difference(latents[masked], full[masked]) < 1.0
+
+
+@pytest.mark.parametrize("full_prefix_blocks", [0, 1])
+def test_masked_run_restores_processors_and_hooks(pipe, embedding, cache, full_prefix_blocks) -> None:
+    before = dict(pipe.transformer.attn_processors)
+    identical_content_latents(
+        pipe, cache["kv"], embedding, rectangle_token_mask(2, 2), full_prefix_blocks=full_prefix_blocks
+    )
+    after = pipe.transformer.attn_processors
+    blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
+
+    assert all(after[name] is processor for name, processor in before.items())
+    assert all(not block._forward_pre_hooks for block in blocks)
+    assert not pipe.transformer._forward_pre_hooks

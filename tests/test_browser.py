@@ -358,6 +358,13 @@ def test_mask_tools(browser, live_server, alice, no_warmups, media_root):
     assert page.is_checked("input[name=mask-tool][value=rectangle]")
     page.click("#zoom-fit")
     page.click("#zoom-out")
+    page.click("#zoom-out")
+    zoomed_out = page.inner_text("#zoom-level")
+    page.hover("#mask-canvas")
+    page.keyboard.down("Control")
+    page.mouse.wheel(0, -100)
+    page.keyboard.up("Control")
+    assert page.inner_text("#zoom-level") != zoomed_out
     box = page.locator("#mask-canvas").bounding_box()
     scale = box["width"] / COFFEE_SIZE[0]
     assert scale < 1

@@ -241,6 +241,17 @@ export class MaskCanvas {
     this.canvas.addEventListener("pointerleave", () => {
       this.cursor.hidden = true;
     });
+    // Ctrl + wheel zooms the image instead of the whole page.
+    this.scroller.addEventListener(
+      "wheel",
+      (event) => {
+        if (!this.loaded || !event.ctrlKey) return;
+        event.preventDefault();
+        if (event.deltaY < 0) this.zoomIn();
+        else this.zoomOut();
+      },
+      { passive: false },
+    );
   }
 
   pointerDown(event) {

@@ -134,6 +134,15 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "editing.api.errors.exception_handler",
 }
+# Job submissions per user, as DRF rate syntax ("120/min", "10/s"); empty turns the limit off. Reads
+# and status polling are not throttled.
+EDITOR_JOB_SUBMIT_RATE = env_str("EDITOR_JOB_SUBMIT_RATE", "120/min") or None
+# Throttle counters live in the default cache. The local-memory default counts per web process; set
+# CACHE_REDIS_URL so that all web processes share one count.
+if env_str("CACHE_REDIS_URL"):
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": env_str("CACHE_REDIS_URL")}
+    }
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "Mask-aware image editing API",
@@ -157,6 +166,18 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "edit.control"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 EDITOR_JOB_HARD_TIME_LIMIT_S = env_int("EDITOR_JOB_HARD_TIME_LIMIT_S", 1800, minimum=10)
+# At the soft limit the task gets SoftTimeLimitExceeded and marks its job failed; at the hard limit
+# the prefork pool kills the child process. The gap gives the soft handler time to write the row.
+EDITOR_JOB_SOFT_TIME_LIMIT_S = env_int(
+    "EDITOR_JOB_SOFT_TIME_LIMIT_S", EDITOR_JOB_HARD_TIME_LIMIT_S - max(5, EDITOR_JOB_HARD_TIME_LIMIT_S // 20), minimum=1
+)
+if EDITOR_JOB_SOFT_TIME_LIMIT_S >= EDITOR_JOB_HARD_TIME_LIMIT_S:
+    raise ImproperlyConfigured(
+        f"EDITOR_JOB_SOFT_TIME_LIMIT_S={EDITOR_JOB_SOFT_TIME_LIMIT_S} must be below "
+        f"EDITOR_JOB_HARD_TIME_LIMIT_S={EDITOR_JOB_HARD_TIME_LIMIT_S}; lower the soft limit."
+    )
+CELERY_TASK_TIME_LIMIT = EDITOR_JOB_HARD_TIME_LIMIT_S
+CELERY_TASK_SOFT_TIME_LIMIT = EDITOR_JOB_SOFT_TIME_LIMIT_S
 # Redis redelivers unacknowledged messages after the visibility timeout, so it must exceed the
 # longest job or a running job would be delivered twice.
 CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {"visibility_timeout": EDITOR_JOB_HARD_TIME_LIMIT_S * 2}
@@ -190,6 +211,9 @@ EDITOR_WARMUP_ON_CREATE = env_bool("EDITOR_WARMUP_ON_CREATE", True)
 # A running job that has written no progress for this long is taken over by the next worker that
 # receives its message; it must exceed the slowest single phase (model load, one step, decode).
 EDITOR_STALE_RUNNING_S = env_int("EDITOR_STALE_RUNNING_S", 600, minimum=10)
+# The reconciler re-sends the message of a job or warm-up queued for longer than this without a
+# message in the broker, at most once per this interval.
+EDITOR_REQUEUE_AFTER_S = env_int("EDITOR_REQUEUE_AFTER_S", 60, minimum=1)
 
 LOGGING = {
     "version": 1,

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import math
 
+from django.conf import settings
 from django.db import transaction
 from django.http import FileResponse, Http404
 from django.utils.translation import gettext as _
 from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import mixins, status, viewsets
+from rest_framework import exceptions, mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.throttling import UserRateThrottle
 
 from editing import services, warmups
 from editing.api.serializers import (
@@ -37,6 +40,15 @@ def file_response(field_file, *, filename: str) -> FileResponse:
         logger.error("stored file %s is missing", field_file.name)
         raise Http404 from None
     return FileResponse(handle, content_type="image/png", filename=filename)
+
+
+class JobSubmitThrottle(UserRateThrottle):
+    """Limits job submissions per user to EDITOR_JOB_SUBMIT_RATE, read at request time."""
+
+    scope = "job_submit"
+
+    def get_rate(self) -> str | None:
+        return settings.EDITOR_JOB_SUBMIT_RATE
 
 
 class TemplateViewSet(
@@ -95,6 +107,19 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
 
     def get_queryset(self):
         return EditJob.objects.filter(owner=self.request.user).select_related("template")
+
+    def get_throttles(self) -> list:
+        return [JobSubmitThrottle()] if self.action == "create" else []
+
+    def throttled(self, request: Request, wait: float | None) -> None:
+        detail = _("Too many job submissions; the limit is %(rate)s per user. Try again in %(seconds)d s.") % {
+            "rate": settings.EDITOR_JOB_SUBMIT_RATE, "seconds": math.ceil(wait or 1),
+        }
+        error = exceptions.Throttled(detail=detail)
+        # Set after construction so DRF does not append its own English sentence to the message;
+        # the exception handler turns it into the Retry-After header.
+        error.wait = math.ceil(wait or 1)
+        raise error
 
     @extend_schema(request=JobCreateSerializer, responses={201: JobSerializer})
     def create(self, request: Request) -> Response:

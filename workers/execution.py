@@ -6,14 +6,17 @@ finished elsewhere or deleted while it waited is skipped without error.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 import uuid
+from dataclasses import replace
 
 import numpy as np
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.files.base import ContentFile
-from django.db import close_old_connections
+from django.db import DatabaseError, close_old_connections, connection
 from django.utils import timezone
 
 from editing import imaging, jobstate, warmups
@@ -28,6 +31,39 @@ logger = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 # Progress is written at most this often, so a fast model does not flood the database.
 PROGRESS_MIN_INTERVAL_S = 0.2
+# After running out of memory the job is retried once with its working size divided by this (pixels).
+OOM_SHRINK_FACTOR = 4
+MIN_WORK_PIXELS = 16 * 16
+
+
+def out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    """Host and accelerator out-of-memory exception types (torch.OutOfMemoryError covers CUDA)."""
+    import torch
+
+    return (MemoryError, torch.OutOfMemoryError)
+
+
+class JobOutOfMemory(Exception):
+    """The job ran out of memory at its full working size and again at the reduced size."""
+
+
+def release_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def storage_error_message(error: OSError) -> str:
+    if error.errno == errno.ENOSPC:
+        return (
+            f"The result could not be stored because the media disk is full ({error}); "
+            "free disk space under EDITOR_MEDIA_ROOT and submit the job again."
+        )
+    return (
+        f"The result could not be stored in the media directory ({type(error).__name__}: {error}); "
+        "make EDITOR_MEDIA_ROOT writable for the worker and submit the job again."
+    )
 
 
 class StepReporter:
@@ -75,7 +111,32 @@ def pending_jobs_like(job: EditJob) -> int:
     ).exclude(pk=job.pk).count()
 
 
-def execute_job(job_id: str, *, worker: str, redelivered: bool = False) -> None:
+class DatabaseConnectionLost(Exception):
+    """The database connection failed while a job ran; the job is still ``running`` in the database."""
+
+
+def discard_unrecorded_result(job: EditJob, stored: str) -> None:
+    """Delete a stored result unless the success UPDATE committed before the connection failed."""
+    connection.close()
+    try:
+        recorded = EditJob.objects.filter(pk=job.pk, result=stored).exists()
+    except DatabaseError:
+        # Unknown whether the UPDATE committed: keep the file, because an orphan file costs only disk
+        # space while a recorded result without its file is a lost result.
+        logger.warning("job %s: kept result %s because the database is unreachable", job.pk, stored)
+        return
+    if not recorded:
+        job.result.storage.delete(stored)
+
+
+def execute_job(
+    job_id: str, *, worker: str, redelivered: bool = False, soft_time_limit_s: int | None = None
+) -> None:
+    """Claim and run one edit job.
+
+    Raises DatabaseConnectionLost when the database connection fails after the claim, so the task
+    can re-send the job for another attempt.
+    """
     close_old_connections()
     job = EditJob.objects.select_related("template").filter(pk=job_id).first()
     if job is None:
@@ -98,23 +159,63 @@ def execute_job(job_id: str, *, worker: str, redelivered: bool = False) -> None:
     if job.status == JobStatus.RUNNING:
         logger.warning("job %s restarts after an interrupted attempt on %s", job_id, job.worker or "a worker")
 
+    try:
+        run_claimed_job(job, worker=worker, soft_time_limit_s=soft_time_limit_s)
+    except DatabaseError as error:
+        # The connection dropped (or the database restarted) mid-job. Closing it lets the next
+        # attempt reconnect; the task re-sends the job as a takeover, and if that fails too the
+        # reconciler re-sends it once it has been stale for EDITOR_STALE_RUNNING_S.
+        logger.warning("job %s lost its database connection (%s); handing it back for another attempt", job_id, error)
+        connection.close()
+        raise DatabaseConnectionLost(f"job {job_id}: {type(error).__name__}: {error}") from error
+
+
+def run_claimed_job(job: EditJob, *, worker: str, soft_time_limit_s: int | None) -> None:
+    """Run a job this worker has claimed and store its outcome; database errors propagate."""
+    job_id = str(job.pk)
     timings: dict[str, float] = {}
     try:
-        result, decision = run_job(job, timings)
+        result, decision = run_job_shrinking_on_oom(job, timings)
         start = time.perf_counter()
         png = imaging.encode_png(result.image)
-        stored = job.result.storage.save(f"results/{uuid.uuid4().hex}.png", ContentFile(png))
+        try:
+            stored = job.result.storage.save(f"results/{uuid.uuid4().hex}.png", ContentFile(png))
+        except OSError as error:
+            logger.error("job %s: storing its result failed: %s", job_id, error)
+            jobstate.fail(job.pk, error=storage_error_message(error), timings=timings)
+            return
         timings["store"] = (time.perf_counter() - start) * 1000
     except JobCancelled:
         jobstate.finish_cancelled(job.pk)
         logger.info("job %s cancelled while running", job_id)
+        return
+    except DatabaseError:
+        raise
+    except SoftTimeLimitExceeded:
+        limit = soft_time_limit_s or settings.EDITOR_JOB_SOFT_TIME_LIMIT_S
+        logger.error("job %s exceeded the soft time limit of %d s", job_id, limit)
+        jobstate.fail(
+            job.pk,
+            error=f"The job timed out: it ran longer than the time limit of {limit} s "
+            "(EDITOR_JOB_SOFT_TIME_LIMIT_S); use fewer steps or a smaller image.",
+            timings=timings,
+        )
+        return
+    except JobOutOfMemory as error:
+        logger.error("job %s: %s", job_id, error)
+        jobstate.fail(job.pk, error=str(error), timings=timings)
         return
     except Exception as error:  # noqa: BLE001 - any failure ends this job, never the worker
         logger.exception("job %s failed", job_id)
         jobstate.fail(job.pk, error=f"{type(error).__name__}: {error}", timings=timings)
         return
 
-    if not jobstate.succeed(job.pk, result_name=stored, timings=timings):
+    try:
+        won = jobstate.succeed(job.pk, result_name=stored, timings=timings)
+    except DatabaseError:
+        discard_unrecorded_result(job, stored)
+        raise
+    if not won:
         # Cancelled or finished by another attempt meanwhile: keep exactly one stored result.
         job.result.storage.delete(stored)
         logger.info("job %s finished elsewhere; discarded this attempt's result", job_id)
@@ -135,9 +236,40 @@ def execute_job(job_id: str, *, worker: str, redelivered: bool = False) -> None:
     )
 
 
-def run_job(job: EditJob, timings: dict[str, float]):
-    """Read the job's inputs, pick the cache path and run the edit; fills ``timings`` in place."""
+def run_job_shrinking_on_oom(job: EditJob, timings: dict[str, float]):
+    """Run the job; after an out-of-memory error retry once at a quarter of the working pixels.
+
+    Raises JobOutOfMemory when the retry runs out of memory too.
+    """
     runner_settings = RunnerSettings.from_env()
+    oom_errors = out_of_memory_errors()
+    try:
+        return run_job(job, timings, runner_settings)
+    except oom_errors as error:
+        smaller = replace(
+            runner_settings,
+            max_work_pixels=max(MIN_WORK_PIXELS, runner_settings.max_work_pixels // OOM_SHRINK_FACTOR),
+        )
+        logger.warning(
+            "job %s ran out of memory at %d working pixels (%s: %s); retrying at %d",
+            job.pk, runner_settings.max_work_pixels, type(error).__name__, error, smaller.max_work_pixels,
+        )
+    release_accelerator_memory()
+    timings.clear()
+    try:
+        return run_job(job, timings, smaller)
+    except oom_errors as error:
+        release_accelerator_memory()
+        raise JobOutOfMemory(
+            f"The job ran out of memory at {runner_settings.max_work_pixels} working pixels and again at "
+            f"{smaller.max_work_pixels} ({type(error).__name__}); lower EDITOR_MAX_WORK_PIXELS or give the "
+            "worker more memory."
+        ) from error
+
+
+def run_job(job: EditJob, timings: dict[str, float], runner_settings: RunnerSettings | None = None):
+    """Read the job's inputs, pick the cache path and run the edit; fills ``timings`` in place."""
+    runner_settings = runner_settings or RunnerSettings.from_env()
     start = time.perf_counter()
     image, mask = read_inputs(job)
     model = get_model()

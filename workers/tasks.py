@@ -8,6 +8,10 @@ from celery import shared_task
 
 logger = logging.getLogger(__name__)
 
+# A job whose database connection failed is re-sent after this delay, at most this many times.
+DATABASE_RETRY_DELAY_S = 2
+DATABASE_MAX_RETRIES = 3
+
 
 @shared_task(
     name="workers.tasks.run_edit_job",
@@ -16,12 +20,30 @@ logger = logging.getLogger(__name__)
     reject_on_worker_lost=True,
     ignore_result=True,
 )
-def run_edit_job(self, job_id: str) -> None:
+def run_edit_job(self, job_id: str, takeover: bool = False) -> None:
+    """Run one edit job; ``takeover`` lets this delivery restart the job while it is still ``running``.
+
+    Soft and hard time limits come from CELERY_TASK_SOFT_TIME_LIMIT and CELERY_TASK_TIME_LIMIT unless
+    the message sets its own.
+    """
     # Imported here so that the web process, which only sends this task by name, never loads torch.
-    from workers.execution import execute_job
+    from workers.execution import DatabaseConnectionLost, execute_job
 
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-    execute_job(job_id, worker=self.request.hostname or "worker", redelivered=redelivered)
+    soft_limit = (self.request.timelimit or (None, None))[1]
+    try:
+        execute_job(
+            job_id, worker=self.request.hostname or "worker", redelivered=redelivered or takeover,
+            soft_time_limit_s=int(soft_limit) if soft_limit else None,
+        )
+    except DatabaseConnectionLost as error:
+        # Only this worker held the job, so the re-sent message may take it over. Beyond the retry
+        # limit the job stays running until the reconciler finds it stale.
+        logger.warning("re-sending job %s in %d s after a database error", job_id, DATABASE_RETRY_DELAY_S)
+        raise self.retry(
+            args=[job_id], kwargs={"takeover": True}, countdown=DATABASE_RETRY_DELAY_S,
+            max_retries=DATABASE_MAX_RETRIES, exc=error,
+        ) from error
 
 
 @shared_task(

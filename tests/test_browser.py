@@ -266,6 +266,8 @@ def test_edit_flow_in_english(browser, live_server, celery_worker_process, alice
 
 def test_edit_flow_in_japanese(browser, live_server, celery_worker_process, alice, no_warmups, tmp_path):
     page, errors = new_page(browser, JAPANESE)
+    page.goto(live_server.url + "/accounts/login/")
+    assert english_words(visible_text(page)) == set()
     log_in(page, live_server.url, "alice", "pw-alice")
     assert english_words(visible_text(page)) == set()
 

@@ -19,7 +19,10 @@ logger = logging.getLogger(__name__)
 
 
 class Command(BaseCommand):
-    help = "Migrate, load the demo templates, start Redis (embedded unless REDIS_URL is set), a worker and the web server."
+    help = (
+        "Migrate, load the demo templates, start Redis (embedded unless REDIS_URL is set), a worker, the job "
+        "reconciler and the web server."
+    )
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")),
@@ -51,6 +54,8 @@ class Command(BaseCommand):
                 self.stdout.write(f"Embedded Redis at {redis_url}")
             if not no_worker:
                 group.start("celery worker", worker_command(all_queues()), env=env)
+            # Re-sends jobs that Redis lost or whose worker died (see editing.reconciler).
+            group.start("reconciler", [sys.executable, "manage.py", "reconcile_jobs", "--interval", "30"], env=env)
             web = group.start(
                 "web server",
                 [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],

@@ -1,0 +1,139 @@
+"""Worker cache decisions: a warm-up serves only jobs with identical cache identity."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from editing.models import CacheOutcome
+from tests.conftest import PHOTOS
+from workers import caching, template_cache
+from workers.model_loading import load_model
+from workers.runner import EditRequest, RunnerSettings, prepare_working_inputs, run_edit
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def model(test_model_path):
+    return load_model(str(test_model_path), var_dir=test_model_path.parent)
+
+
+@pytest.fixture
+def store(monkeypatch, tmp_path):
+    monkeypatch.setenv("EDITOR_CACHE_DIR", str(tmp_path / "cache"))
+    template_cache.reset_store()
+    yield template_cache.get_store()
+    template_cache.reset_store()
+
+
+@pytest.fixture(scope="module")
+def template() -> np.ndarray:
+    from editing.imaging import read_template
+
+    image = read_template((PHOTOS / "chelsea.png").read_bytes(), max_pixels=10**7, max_bytes=10**8)
+    return image[:160, :200]
+
+
+def small_mask(template: np.ndarray) -> np.ndarray:
+    mask = np.zeros(template.shape[:2], dtype=bool)
+    mask[40:80, 60:120] = True
+    return mask
+
+
+def key_for(model, image, *, steps=STEPS, seed=0, guidance=30.0, settings=None):
+    settings = settings or RunnerSettings()
+    inputs = caching.working_template(model, image, settings)
+    return caching.job_cache_key(
+        model, inputs, template_hash="hash-of-template", steps=steps, seed=seed, guidance=guidance,
+        variant="kv", settings=settings,
+    )
+
+
+def test_warmup_then_hit(model, store, template):
+    settings = RunnerSettings()
+    key = key_for(model, template)
+    caching.warm_template(model, caching.working_template(model, template, settings), key, settings=settings)
+    decision = caching.decide(model, key, 0.2, pending_same_key=0)
+    assert decision.outcome == CacheOutcome.HIT
+    assert decision.activations is not None
+    assert decision.activations.metadata.num_steps == STEPS
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"steps": STEPS + 1},
+        {"seed": 1},
+        {"guidance": 3.5},
+    ],
+    ids=["steps", "seed", "guidance"],
+)
+def test_changed_parameter_misses(model, store, template, change):
+    settings = RunnerSettings()
+    warm_key = key_for(model, template)
+    caching.warm_template(model, caching.working_template(model, template, settings), warm_key, settings=settings)
+    other = key_for(model, template, **change)
+    assert other != warm_key
+    assert caching.decide(model, other, 0.2, pending_same_key=0).outcome == CacheOutcome.MISS_FULL
+
+
+def test_changed_resolution_misses(model, store, template):
+    settings = RunnerSettings()
+    caching.warm_template(
+        model, caching.working_template(model, template, settings), key_for(model, template), settings=settings
+    )
+    smaller = template[:128, :160]
+    assert caching.decide(model, key_for(model, smaller), 0.2, pending_same_key=0).outcome == CacheOutcome.MISS_FULL
+
+
+def test_changed_model_revision_misses(model, store, template):
+    settings = RunnerSettings()
+    caching.warm_template(
+        model, caching.working_template(model, template, settings), key_for(model, template), settings=settings
+    )
+    rebuilt = dataclasses.replace(model, revision=model.revision + "-rebuilt")
+    assert caching.decide(rebuilt, key_for(rebuilt, template), 0.2, pending_same_key=0).outcome == CacheOutcome.MISS_FULL
+
+
+def test_large_mask_bypasses_cache(model, store, template):
+    decision = caching.decide(model, key_for(model, template), 0.95, pending_same_key=0)
+    assert decision.outcome == CacheOutcome.BYPASS
+    assert decision.flop_fraction == 1.0
+
+
+@pytest.mark.parametrize(
+    ("pending", "fraction", "expected"),
+    [(0, 0.1, False), (1, 0.1, True), (1, 0.6, False), (5, 0.5, True)],
+)
+def test_warm_first_rule(pending, fraction, expected):
+    assert caching.should_warm_first(pending, fraction) is expected
+
+
+def test_cached_edit_keeps_pixels_outside_mask(model, store, template):
+    settings = RunnerSettings()
+    key = key_for(model, template)
+    outcome = caching.warm_template(
+        model, caching.working_template(model, template, settings), key, settings=settings
+    )
+    mask = small_mask(template)
+    request = EditRequest(image=template, mask=mask, prompt="a hat", seed=0, steps=STEPS, guidance=30.0)
+    result = run_edit(model, request, settings=settings, activations=outcome.activations)
+    from editing.imaging import dilate
+
+    outside = ~dilate(mask, settings.keep_px + 1)
+    assert result.image.shape == template.shape
+    assert np.array_equal(result.image[outside], template[outside])
+    assert not np.array_equal(result.image[mask], template[mask])
+
+
+def test_masked_flop_fraction_tracks_mask(model, template):
+    settings = RunnerSettings()
+    small = prepare_working_inputs(template, small_mask(template), settings.max_work_pixels, 16)
+    full = prepare_working_inputs(template, np.ones(template.shape[:2], bool), settings.max_work_pixels, 16)
+    small_fraction = caching.masked_flop_fraction(model, small, variant="kv", settings=settings)
+    full_fraction = caching.masked_flop_fraction(model, full, variant="kv", settings=settings)
+    assert 0 < small_fraction < 0.8
+    assert full_fraction == pytest.approx(1.0)

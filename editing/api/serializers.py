@@ -18,6 +18,9 @@ from editing.models import CacheWarmup, EditJob, Template
 
 MAX_SEED = 2**32 - 1
 MAX_GUIDANCE = 100.0
+# Longer side over shorter side. A 1x100000 strip fits the pixel limit but is no photo or banner, and
+# at the working size it degenerates to a one-pixel-wide column.
+MAX_ASPECT_RATIO = 16
 
 
 def read_upload(upload: UploadedFile, *, field: str) -> bytes:
@@ -36,11 +39,23 @@ def read_upload(upload: UploadedFile, *, field: str) -> bytes:
 def decode_template(upload: UploadedFile) -> np.ndarray:
     data = read_upload(upload, field="image")
     try:
-        return imaging.read_template(
+        pixels = imaging.read_template(
             data, max_pixels=settings.EDITOR_MAX_PIXELS, max_bytes=settings.EDITOR_MAX_UPLOAD_BYTES
         )
     except imaging.ImageRuleError as error:
         raise serializers.ValidationError({"image": str(error)}) from None
+    height, width = pixels.shape[:2]
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise serializers.ValidationError(
+            {
+                "image": _(
+                    "The image is %(width)dx%(height)d pixels; its longer side may be at most %(ratio)d times "
+                    "its shorter side. Crop it to a less elongated shape."
+                )
+                % {"width": width, "height": height, "ratio": MAX_ASPECT_RATIO}
+            }
+        )
+    return pixels
 
 
 class WarmupSerializer(serializers.ModelSerializer):

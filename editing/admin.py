@@ -76,7 +76,7 @@ class TemplateAdmin(admin.ModelAdmin):
         "created_at", "updated_at",
     ]
     fields = ["name", "owner", "thumbnail_detail", "size", "content_hash", "use_count", "cache_state", "created_at", "updated_at"]
-    actions = ["warm_cache"]
+    actions = ["warm_cache", "drop_cache"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         # Templates are uploaded through the API, which decodes, orients and measures the image.
@@ -146,6 +146,14 @@ class TemplateAdmin(admin.ModelAdmin):
             count += 1
         self.message_user(
             request, _("Queued cache warm-ups for %(count)d templates.") % {"count": count}, messages.SUCCESS
+        )
+
+    @admin.action(description=gettext_lazy("Drop the cache of the selected templates"))
+    def drop_cache(self, request: HttpRequest, queryset: QuerySet[Template]) -> None:
+        dropped = sum(warmups.drop_cache(template) for template in queryset)
+        self.message_user(
+            request, _("Dropped %(count)d cached warm-ups; workers discard them on next use.") % {"count": dropped},
+            messages.SUCCESS,
         )
 
 

@@ -154,6 +154,8 @@ class CacheWarmup(models.Model):
     timings = models.JSONField(_("timings (ms)"), default=dict, blank=True)
     error = models.TextField(_("error"), blank=True)
     attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    # Set when an operator drops the cache: workers then discard the entry instead of using it.
+    dropped_at = models.DateTimeField(_("dropped at"), null=True, blank=True)
 
     created_at = models.DateTimeField(_("created at"), auto_now_add=True, db_index=True)
     started_at = models.DateTimeField(_("started at"), null=True, blank=True)

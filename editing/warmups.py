@@ -88,3 +88,44 @@ def fail(warmup_id: int, *, error: str) -> bool:
         status=JobStatus.FAILED, error=error, finished_at=now, updated_at=now
     )
     return updated == 1
+
+
+def record_inline_warmup(
+    template: Template,
+    *,
+    seed: int,
+    steps: int,
+    guidance: float,
+    variant: str,
+    cache_key: str,
+    cache_bytes: int,
+    tier: str,
+    timings: dict[str, float],
+    worker: str,
+) -> CacheWarmup:
+    """Record a warm-up that a worker ran inside an edit job, so the cache it made counts as valid."""
+    now = timezone.now()
+    return CacheWarmup.objects.create(
+        template=template, seed=seed, steps=steps, guidance=guidance, variant=variant,
+        status=JobStatus.SUCCEEDED, progress=1.0, cache_key=cache_key, cache_bytes=cache_bytes,
+        cache_tier=tier, timings=timings, worker=worker, attempts=1, started_at=now, finished_at=now,
+    )
+
+
+def cache_is_valid(cache_key: str) -> bool:
+    """True while a successful, not dropped warm-up vouches for this cache entry."""
+    return CacheWarmup.objects.filter(
+        cache_key=cache_key, status=JobStatus.SUCCEEDED, dropped_at__isnull=True
+    ).exists()
+
+
+def drop_cache(template: Template) -> int:
+    """Mark the template's cached activations as dropped; workers discard them on next use.
+
+    Returns the number of warm-ups whose caches were dropped.
+    """
+    dropped = template.warmups.filter(status=JobStatus.SUCCEEDED, dropped_at__isnull=True).update(
+        dropped_at=timezone.now()
+    )
+    logger.info("cache of template %s dropped (%d warm-ups)", template.pk, dropped)
+    return dropped

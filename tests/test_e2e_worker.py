@@ -149,6 +149,14 @@ def test_warmed_template_serves_masked_edit(api_client_for, celery_worker_proces
     assert body["cache_outcome"] == "miss_full"
     assert body["cache_used"] is False
 
+    dropped = client.delete(f"/api/templates/{template['id']}/cache/")
+    assert dropped.status_code == 200
+    assert dropped.json()["dropped"] >= 1
+    after_drop = submit(client, template["id"], mask, steps=4)
+    body, _ = poll_until_final(client, after_drop["id"])
+    assert body["status"] == "succeeded", body["error"]
+    assert body["cache_outcome"] != "hit"
+
 
 def test_warm_endpoint_queues_warmup(api_client_for, celery_worker_process):
     client = api_client_for("alice")

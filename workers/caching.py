@@ -26,7 +26,7 @@ from workers.masked.flops import TransformerShape, transformer_flops
 from workers.masked.warmup import warm_up_template
 from workers.model_loading import LoadedModel
 from workers.runner import RunnerSettings, StepCallback, WorkingInputs, prepare_working_inputs
-from workers.template_cache import cache_key, load_activations, save_activations
+from workers.template_cache import cache_key, get_store, load_activations, save_activations
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +114,14 @@ def decide(
     flop_fraction: float,
     *,
     pending_same_key: int,
+    cache_valid: bool = True,
 ) -> CacheDecision:
+    """Pick bypass, hit or a miss policy; ``cache_valid=False`` (an operator dropped it) discards the entry."""
     if flop_fraction >= BYPASS_FLOP_FRACTION:
         return CacheDecision(CacheOutcome.BYPASS, None, None, 1.0, queue_warmup=False)
-    activations = load_activations(key)
+    if not cache_valid and get_store().drop(key):
+        logger.info("cache entry %s was dropped by an operator; discarded", key.short())
+    activations = load_activations(key) if cache_valid else None
     if activations is not None:
         return CacheDecision(CacheOutcome.HIT, key, activations, flop_fraction, queue_warmup=False)
     if should_warm_first(pending_same_key, flop_fraction):

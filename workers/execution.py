@@ -284,7 +284,10 @@ def run_job(job: EditJob, timings: dict[str, float], runner_settings: RunnerSett
         guidance=job.guidance, variant=variant, settings=runner_settings,
     )
     fraction = caching.masked_flop_fraction(model, inputs, variant=variant, settings=runner_settings)
-    decision = caching.decide(model, key, fraction, pending_same_key=pending_jobs_like(job))
+    decision = caching.decide(
+        model, key, fraction, pending_same_key=pending_jobs_like(job),
+        cache_valid=warmups.cache_is_valid(key.digest()),
+    )
     timings["cache_lookup"] = (time.perf_counter() - start) * 1000
 
     activations = decision.activations
@@ -295,6 +298,11 @@ def run_job(job: EditJob, timings: dict[str, float], runner_settings: RunnerSett
         )
         timings.update(outcome.timings_ms)
         activations = outcome.activations
+        warmups.record_inline_warmup(
+            job.template, seed=job.seed, steps=job.steps, guidance=job.guidance, variant=variant,
+            cache_key=key.digest(), cache_bytes=outcome.nbytes, tier=outcome.tier, timings=outcome.timings_ms,
+            worker=worker,
+        )
         edit_progress = StepReporter(job.pk, start=0.5, span=0.5)
 
     request = EditRequest(

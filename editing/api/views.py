@@ -94,6 +94,13 @@ class TemplateViewSet(
         warmup = warmups.request_warmup(template, requested_by=request.user, **serializer.validated_data)
         return Response(WarmupSerializer(warmup).data, status=status.HTTP_202_ACCEPTED)
 
+    @extend_schema(request=None, responses={200: OpenApiResponse(description="Number of dropped warm-ups")})
+    @action(detail=True, methods=["delete"], url_path="cache", url_name="cache")
+    def drop_cache(self, request: Request, pk: str | None = None) -> Response:
+        """Drop this template's cached activations; workers discard them on their next use."""
+        template = self.get_object()
+        return Response({"dropped": warmups.drop_cache(template)})
+
     @extend_schema(responses={(200, "image/png"): OpenApiResponse(description="The upright template PNG")})
     @action(detail=True, methods=["get"], url_path="image", url_name="image")
     def image(self, request: Request, pk: str | None = None) -> FileResponse:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import FluxFillPipeline
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from editing.imaging import dilate
@@ -85,12 +86,8 @@ def test_warm_up_records_every_step_and_block(pipe, activations) -> None:
 def test_activations_round_trip_safetensors(activations, tmp_path: Path) -> None:
     path = tmp_path / "template.safetensors"
     save_file(activations.to_tensors(), path, metadata=activations.metadata.to_strings())
-    with open(path, "rb") as handle:
-        header_length = int.from_bytes(handle.read(8), "little")
-        header = handle.read(header_length).decode()
-    import json
-
-    metadata = ActivationsMetadata.from_strings(json.loads(header)["__metadata__"])
+    with safe_open(path, framework="pt") as handle:
+        metadata = ActivationsMetadata.from_strings(handle.metadata())
     restored = TemplateActivations.from_tensors(load_file(path), metadata)
 
     assert metadata == activations.metadata

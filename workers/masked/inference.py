@@ -110,7 +110,7 @@ def denoise_masked(
     the unmasked tokens. With `full_prefix_blocks` >= the number of blocks this is the stock computation.
 
     NOTE: this swaps the transformer's attention processors for the duration of the call, so callers must not
-    run two requests on one pipeline at the same time (the worker runner holds `LoadedModel.lock`).
+    run two requests on one pipeline at the same time (the worker runner acquires `LoadedModel.lock`).
     """
     transformer = pipe.transformer
     total_blocks = len(blocks_in_order(transformer))

@@ -38,7 +38,10 @@ test-sqlite:
 # unless REQUIRE_POSTGRES=1).
 test-postgres:
 	@if $(PY) -c "import psycopg,sys; psycopg.connect('$(TEST_POSTGRES_URL)', connect_timeout=3).close()" 2>/dev/null; then \
-	  DEBUG=1 DATABASE_URL=$(TEST_POSTGRES_URL) $(PY) -m pytest -q tests/test_api_templates.py tests/test_api_jobs.py tests/test_jobstate.py tests/test_e2e_worker.py; \
+	  DEBUG=1 DATABASE_URL=$(TEST_POSTGRES_URL) $(PY) -m pytest -q tests/test_api_templates.py tests/test_api_jobs.py tests/test_jobstate.py tests/test_e2e_worker.py \
+	    tests/test_hostile_input.py tests/test_fuzz_jobs.py \
+	    tests/test_faults.py::test_dropped_database_connection_retries_job \
+	    tests/test_faults.py::test_killed_worker_job_completes_once; \
 	elif [ "$(REQUIRE_POSTGRES)" = 1 ]; then echo "PostgreSQL at $(TEST_POSTGRES_URL) is not reachable"; exit 1; \
 	else echo "PostgreSQL at $(TEST_POSTGRES_URL) is not reachable; skipping the PostgreSQL run"; fi
 

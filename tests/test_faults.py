@@ -1,8 +1,8 @@
 """Faults against real processes: killed workers, a restarted Redis, a dropped database connection,
 time limits, out-of-memory and unwritable media, and cancel in every job state.
 
-The worker tests run on a private Redis server (started here, so it can be restarted) and their own
-worker processes and media folder; every job must end in a final state with exactly one stored result
+The worker tests run on a private Redis server, started here so that it can be restarted, with their own
+worker processes and media folder. Every job must end in a final state, with exactly one stored result
 per succeeded job.
 """
 

@@ -42,7 +42,7 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def png_claiming_size(width: int, height: int) -> bytes:
-    """A small PNG whose header claims ``width`` x ``height`` pixels but holds one row of data."""
+    """A small PNG whose header claims ``width`` x ``height`` pixels but contains one row of data."""
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
@@ -125,8 +125,8 @@ def test_oversized_template_rejected_before_decoding(alice, media, settings):
 def test_polyglot_template_is_stored_reencoded(alice, media, case, data, payload):
     response = alice.post("/api/templates/", {"image": SimpleUploadedFile("t.gif", data)}, format="multipart")
 
-    # The pixels are valid, so the upload is accepted; what is stored and served is a fresh PNG
-    # of those pixels, without the appended archive or the comment.
+    # The pixels are valid, so the upload is accepted. What is stored and served is a fresh PNG of
+    # those pixels, without the appended archive or the comment.
     assert response.status_code == 201, response.content
     (stored,) = stored_files(media)
     assert payload not in stored.read_bytes()

@@ -162,9 +162,9 @@ def execute_job(
     try:
         run_claimed_job(job, worker=worker, soft_time_limit_s=soft_time_limit_s)
     except DatabaseError as error:
-        # The connection dropped (or the database restarted) mid-job. Closing it lets the next
-        # attempt reconnect; the task re-sends the job as a takeover, and if that fails too the
-        # reconciler re-sends it once it has been stale for EDITOR_STALE_RUNNING_S.
+        # The connection dropped (or the database restarted) mid-job. Closing it lets the next attempt
+        # reconnect, and the task re-sends the job as a takeover. If that fails too, the reconciler
+        # re-sends the job once it has been stale for EDITOR_STALE_RUNNING_S.
         logger.warning("job %s lost its database connection (%s); handing it back for another attempt", job_id, error)
         connection.close()
         raise DatabaseConnectionLost(f"job {job_id}: {type(error).__name__}: {error}") from error

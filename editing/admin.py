@@ -124,11 +124,13 @@ class TemplateAdmin(admin.ModelAdmin):
 
     @admin.display(description=gettext_lazy("cache"))
     def cache_state(self, template: Template) -> str:
-        """State of the template's latest cache warm-up: status, tier and size."""
+        """Describe the template's latest cache warm-up: status, tier, size and variant."""
         # Uses the prefetched warm-ups, newest first by the model's ordering.
         latest = next(iter(template.warmups.all()), None)
         if latest is None:
             return _("not warmed up")
+        if latest.dropped_at is not None:
+            return _("dropped")
         parts = [latest.get_status_display()]
         if latest.cache_tier:
             parts.append(latest.cache_tier)

@@ -215,7 +215,7 @@ def test_admin_templates_list_shows_thumbnail_size_and_cache(staff_client, coffe
     html = staff_client.get("/admin/editing/template/").content.decode()
     assert f'src="/admin/editing/template/{template.pk}/image/"' in html
     assert "60 × 40" in html
-    assert "not warmed up" in html
+    assert '<td class="field-cache_state">not warmed up</td>' in html
 
 
 def test_admin_template_image_served_to_staff(staff_client, coffee_job):
@@ -244,3 +244,16 @@ def test_admin_job_mask_served_to_staff(staff_client, coffee_job):
     response = staff_client.get(f"/admin/editing/editjob/{coffee_job.pk}/mask.png")
     assert response.status_code == 200
     assert staff_client.get(f"/admin/editing/editjob/{coffee_job.pk}/secret.png").status_code == 404
+
+
+def test_admin_templates_list_shows_dropped_cache(staff_client, coffee_job):
+    from django.utils import timezone
+
+    from editing.models import CacheWarmup
+
+    CacheWarmup.objects.create(
+        template=coffee_job.template, seed=0, steps=4, guidance=30.0, variant="kv",
+        status=JobStatus.SUCCEEDED, dropped_at=timezone.now(),
+    )
+    html = staff_client.get("/admin/editing/template/").content.decode()
+    assert '<td class="field-cache_state">dropped</td>' in html

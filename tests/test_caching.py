@@ -9,7 +9,8 @@ import pytest
 
 from editing.models import CacheOutcome
 from tests.conftest import PHOTOS
-from workers import caching, template_cache
+from cache.plan import BlockProfile, ComputeModel, LoadModel, ProfileTracker
+from workers import cache_streaming, caching, template_cache
 from workers.model_loading import load_model
 from workers.runner import EditRequest, RunnerSettings, prepare_working_inputs, run_edit
 
@@ -137,3 +138,65 @@ def test_masked_flop_fraction_tracks_mask(model, template):
     full_fraction = caching.masked_flop_fraction(model, full, variant="kv", settings=settings)
     assert 0 < small_fraction < 0.8
     assert full_fraction == pytest.approx(1.0)
+
+
+@pytest.fixture
+def disk_only_store(monkeypatch, tmp_path):
+    """A store with no memory tier, so every warm-up lands on disk."""
+    monkeypatch.setenv("EDITOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("EDITOR_CACHE_BYTES", "0")
+    template_cache.reset_store()
+    cache_streaming.reset_profile()
+    yield template_cache.get_store()
+    template_cache.reset_store()
+    cache_streaming.reset_profile()
+
+
+def set_profile(load_seconds_per_block: float) -> None:
+    profile = BlockProfile(
+        ComputeModel(c0=0.0, c1=1e-4, c2=0.0),
+        LoadModel(latency_s=load_seconds_per_block, bandwidth_bytes_per_s=1e15),
+    )
+    cache_streaming._tracker = ProfileTracker(profile)
+
+
+def streamed_counts(model, template, settings) -> caching.TokenCounts:
+    inputs = prepare_working_inputs(template, small_mask(template), settings.max_work_pixels, 16)
+    return caching.token_counts(model, inputs, settings)
+
+
+def test_disk_entry_streams_into_masked_edit(model, disk_only_store, template):
+    settings = RunnerSettings()
+    key = key_for(model, template)
+    outcome = caching.warm_template(
+        model, caching.working_template(model, template, settings), key, settings=settings
+    )
+    assert outcome.tier == "disk"
+    set_profile(load_seconds_per_block=0.0)
+    decision = caching.decide(model, key, 0.2, pending_same_key=0, counts=streamed_counts(model, template, settings))
+    assert decision.outcome == CacheOutcome.HIT
+    assert decision.streamed is not None
+    assert decision.streamed.source is not None
+    assert disk_only_store.tier_of(key) == "disk"
+
+    request = EditRequest(image=template, mask=small_mask(template), prompt="a hat", seed=0, steps=STEPS, guidance=30.0)
+    try:
+        streamed = run_edit(
+            model, request, settings=settings, activations=decision.activations,
+            block_source=decision.streamed.source, full_prefix_blocks=decision.full_prefix_blocks,
+        )
+    finally:
+        decision.close()
+    # The warm-up's own activations, before the store's fp16 encoding.
+    in_memory = run_edit(model, request, settings=settings, activations=outcome.activations)
+    assert np.abs(streamed.image.astype(int) - in_memory.image.astype(int)).max() <= 2
+
+
+def test_slow_disk_plan_chooses_full_recompute(model, disk_only_store, template):
+    settings = RunnerSettings()
+    key = key_for(model, template)
+    caching.warm_template(model, caching.working_template(model, template, settings), key, settings=settings)
+    set_profile(load_seconds_per_block=10.0)
+    decision = caching.decide(model, key, 0.2, pending_same_key=0, counts=streamed_counts(model, template, settings))
+    assert decision.outcome == CacheOutcome.BYPASS
+    assert decision.streamed is None

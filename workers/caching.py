@@ -18,9 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cache.disk import CorruptEntryError
 from cache.keys import CacheKey
+from cache.loader import CacheLoadError
 from editing.imaging import token_mask
 from editing.models import CacheOutcome
+from workers.cache_streaming import StreamedCache, open_streamed, profile_tracker, record_denoise
 from workers.masked.activations import TemplateActivations
 from workers.masked.flops import TransformerShape, transformer_flops
 from workers.masked.warmup import warm_up_template
@@ -40,12 +43,27 @@ WARMUP_PROMPT = ""
 
 
 @dataclass(frozen=True)
+class TokenCounts:
+    image: int  # image tokens at the working size
+    masked: int  # image tokens the masked pass recomputes
+    text: int  # T5 tokens, padded to the maximum sequence length
+
+
+@dataclass(frozen=True)
 class CacheDecision:
     outcome: str  # a CacheOutcome value
     key: CacheKey | None
     activations: TemplateActivations | None
     flop_fraction: float  # transformer FLOPs of this job relative to a full computation
     queue_warmup: bool  # queue a warm-up for later jobs after this one
+    # Set when the entry streams from disk: blocks arrive through the loader, and the plan computes
+    # the first ``full_prefix_blocks`` blocks of each step in full while later loads run ahead.
+    streamed: StreamedCache | None = None
+    full_prefix_blocks: int = 0
+
+    def close(self) -> None:
+        if self.streamed is not None:
+            self.streamed.close()
 
 
 @dataclass(frozen=True)
@@ -87,14 +105,18 @@ def job_cache_key(
     )
 
 
-def masked_flop_fraction(model: LoadedModel, inputs: WorkingInputs, *, variant: str, settings: RunnerSettings) -> float:
-    """Transformer FLOPs of the masked pass over those of a full pass, for the job's working-size mask."""
+def token_counts(model: LoadedModel, inputs: WorkingInputs, settings: RunnerSettings) -> TokenCounts:
     patch = model.pipe.vae_scale_factor * 2
     tokens = token_mask(np.asarray(inputs.mask) > 127, patch=patch, dilation=settings.dilation_tokens)
+    return TokenCounts(image=int(tokens.size), masked=int(tokens.sum()), text=settings.max_sequence_length)
+
+
+def masked_flop_fraction(model: LoadedModel, inputs: WorkingInputs, *, variant: str, settings: RunnerSettings) -> float:
+    """Transformer FLOPs of the masked pass over those of a full pass, for the job's working-size mask."""
+    counts = token_counts(model, inputs, settings)
     shape = TransformerShape.from_config(model.pipe.transformer.config)
-    text = settings.max_sequence_length
-    full = transformer_flops(shape, text, tokens.size)
-    masked = transformer_flops(shape, text, tokens.size, int(tokens.sum()), variant)  # type: ignore[arg-type]
+    full = transformer_flops(shape, counts.text, counts.image)
+    masked = transformer_flops(shape, counts.text, counts.image, counts.masked, variant)  # type: ignore[arg-type]
     return masked / full
 
 
@@ -115,18 +137,47 @@ def decide(
     *,
     pending_same_key: int,
     cache_valid: bool = True,
+    counts: TokenCounts | None = None,
 ) -> CacheDecision:
-    """Pick bypass, hit or a miss policy; ``cache_valid=False`` (an operator dropped it) discards the entry."""
+    """Pick bypass, hit or a miss policy; ``cache_valid=False`` (an operator dropped it) discards the entry.
+
+    With ``counts``, an entry on the disk tier is streamed block by block under a load plan instead
+    of being read whole before the job starts.
+    """
     if flop_fraction >= BYPASS_FLOP_FRACTION:
         return CacheDecision(CacheOutcome.BYPASS, None, None, 1.0, queue_warmup=False)
-    if not cache_valid and get_store().drop(key):
+    store = get_store()
+    if not cache_valid and store.drop(key):
         logger.info("cache entry %s was dropped by an operator; discarded", key.short())
+    if cache_valid and counts is not None and store.tier_of(key) == "disk":
+        streamed = open_disk_entry(model, key, counts)
+        if streamed is not None and streamed.source is not None:
+            return CacheDecision(
+                CacheOutcome.HIT, key, streamed.activations, flop_fraction, queue_warmup=False,
+                streamed=streamed, full_prefix_blocks=streamed.plan.full_prefix_blocks or 0,
+            )
+        if streamed is not None:
+            # The plan predicts full recompute to beat loading this entry from disk.
+            return CacheDecision(CacheOutcome.BYPASS, None, None, 1.0, queue_warmup=False)
     activations = load_activations(key) if cache_valid else None
     if activations is not None:
         return CacheDecision(CacheOutcome.HIT, key, activations, flop_fraction, queue_warmup=False)
     if should_warm_first(pending_same_key, flop_fraction):
         return CacheDecision(CacheOutcome.MISS_WARM_FIRST, key, None, flop_fraction, queue_warmup=False)
     return CacheDecision(CacheOutcome.MISS_FULL, key, None, 1.0, queue_warmup=True)
+
+
+def open_disk_entry(model: LoadedModel, key: CacheKey, counts: TokenCounts) -> StreamedCache | None:
+    """Open a disk entry for streaming; None (a miss) when it is gone or damaged."""
+    shape = TransformerShape.from_config(model.pipe.transformer.config)
+    try:
+        return open_streamed(
+            get_store(), key, tracker=profile_tracker(shape, model.device.type), text_tokens=counts.text,
+            masked_tokens=counts.masked, device=model.device,
+        )
+    except (CorruptEntryError, CacheLoadError, KeyError, ValueError):
+        logger.warning("cache entry %s on disk is unreadable; treating it as a miss", key.short(), exc_info=True)
+        return None
 
 
 def warm_template(
@@ -161,3 +212,25 @@ def warm_template(
         key.short(), tier, nbytes / 2**20, " ".join(f"{k}={v:.0f}ms" for k, v in timings.items()),
     )
     return WarmupOutcome(key=key, tier=tier, nbytes=nbytes, timings_ms=timings, activations=activations)
+
+
+def record_timings(
+    model: LoadedModel, decision: CacheDecision, counts: TokenCounts, *, steps: int, timings_ms: dict[str, float]
+) -> None:
+    """Correct the worker's cost model with this job's measured denoising and block-load times."""
+    denoise_ms = timings_ms.get("denoise")
+    # A warm-up inside the job or a mixed full/masked plan blurs the per-block figure; skip those.
+    if not denoise_ms or decision.full_prefix_blocks or decision.outcome == CacheOutcome.MISS_WARM_FIRST:
+        return
+    shape = TransformerShape.from_config(model.pipe.transformer.config)
+    tracker = profile_tracker(shape, model.device.type)
+    total = counts.text + counts.image
+    queries = counts.text + counts.masked if decision.outcome == CacheOutcome.HIT else total
+    record_denoise(
+        tracker, steps=steps, blocks=shape.num_blocks, query_tokens=queries, key_tokens=total,
+        seconds=denoise_ms / 1000,
+    )
+    if decision.streamed is not None and decision.streamed.source is not None and decision.key is not None:
+        block_bytes = (get_store().disk.entry_nbytes_of(decision.key) or 0) // max(1, steps * shape.num_blocks)
+        for seconds in decision.streamed.source.loader.timings.load.values():
+            tracker.record(load=(block_bytes, seconds))

@@ -175,7 +175,7 @@ def run_claimed_job(job: EditJob, *, worker: str, soft_time_limit_s: int | None)
     job_id = str(job.pk)
     timings: dict[str, float] = {}
     try:
-        result, decision = run_job_shrinking_on_oom(job, timings)
+        result, decision = run_job_shrinking_on_oom(job, timings, worker=worker)
         start = time.perf_counter()
         png = imaging.encode_png(result.image)
         try:
@@ -236,7 +236,7 @@ def run_claimed_job(job: EditJob, *, worker: str, soft_time_limit_s: int | None)
     )
 
 
-def run_job_shrinking_on_oom(job: EditJob, timings: dict[str, float]):
+def run_job_shrinking_on_oom(job: EditJob, timings: dict[str, float], *, worker: str):
     """Run the job; after an out-of-memory error retry once at a quarter of the working pixels.
 
     Raises JobOutOfMemory when the retry runs out of memory too.
@@ -244,7 +244,7 @@ def run_job_shrinking_on_oom(job: EditJob, timings: dict[str, float]):
     runner_settings = RunnerSettings.from_env()
     oom_errors = out_of_memory_errors()
     try:
-        return run_job(job, timings, runner_settings)
+        return run_job(job, timings, runner_settings, worker=worker)
     except oom_errors as error:
         smaller = replace(
             runner_settings,
@@ -257,7 +257,7 @@ def run_job_shrinking_on_oom(job: EditJob, timings: dict[str, float]):
     release_accelerator_memory()
     timings.clear()
     try:
-        return run_job(job, timings, smaller)
+        return run_job(job, timings, smaller, worker=worker)
     except oom_errors as error:
         release_accelerator_memory()
         raise JobOutOfMemory(
@@ -267,7 +267,9 @@ def run_job_shrinking_on_oom(job: EditJob, timings: dict[str, float]):
         ) from error
 
 
-def run_job(job: EditJob, timings: dict[str, float], runner_settings: RunnerSettings | None = None):
+def run_job(
+    job: EditJob, timings: dict[str, float], runner_settings: RunnerSettings | None = None, *, worker: str
+):
     """Read the job's inputs, pick the cache path and run the edit; fills ``timings`` in place."""
     runner_settings = runner_settings or RunnerSettings.from_env()
     start = time.perf_counter()
@@ -287,6 +289,7 @@ def run_job(job: EditJob, timings: dict[str, float], runner_settings: RunnerSett
     decision = caching.decide(
         model, key, fraction, pending_same_key=pending_jobs_like(job),
         cache_valid=warmups.cache_is_valid(key.digest()),
+        counts=caching.token_counts(model, inputs, runner_settings),
     )
     timings["cache_lookup"] = (time.perf_counter() - start) * 1000
 
@@ -308,8 +311,19 @@ def run_job(job: EditJob, timings: dict[str, float], runner_settings: RunnerSett
     request = EditRequest(
         image=image, mask=mask, prompt=job.prompt, seed=job.seed, steps=job.steps, guidance=job.guidance
     )
-    result = run_edit(model, request, on_step=edit_progress, settings=runner_settings, activations=activations)
+    try:
+        result = run_edit(
+            model, request, on_step=edit_progress, settings=runner_settings, activations=activations,
+            block_source=decision.streamed.source if decision.streamed else None,
+            full_prefix_blocks=decision.full_prefix_blocks,
+        )
+    finally:
+        decision.close()
     timings.update(result.timings_ms)
+    caching.record_timings(
+        model, decision, caching.token_counts(model, inputs, runner_settings), steps=job.steps,
+        timings_ms=result.timings_ms,
+    )
     return result, decision
 
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from editing.imaging import composite, crop_to, dilate, feather_alpha, fit_working_size, pad_to_multiple
-from workers.masked.activations import TemplateActivations
+from workers.masked.activations import BlockCacheSource, TemplateActivations
 from workers.masked.edit import run_cached_edit
 from workers.model_loading import LoadedModel
 
@@ -93,6 +93,8 @@ def run_edit(
     *,
     settings: RunnerSettings | None = None,
     activations: TemplateActivations | None = None,
+    block_source: BlockCacheSource | None = None,
+    full_prefix_blocks: int = 0,
 ) -> EditResult:
     """Regenerate the masked region of `request.image` with the full Flux Fill pipeline.
 
@@ -100,7 +102,9 @@ def run_edit(
     the pipeline's multiple (16 for Flux), denoised, cropped and upscaled back to the input size. Outside
     `dilate(mask, dilate_px + feather_px)` every output pixel is a bit-identical copy of the input.
     With `activations` (a warm-up of this template at the same working size, seed, steps and guidance)
-    only the masked tokens are computed and the rest is read from the cache.
+    only the masked tokens are computed and the rest is read from the cache: from `block_source` when
+    given (a loader streaming blocks from disk), with the first `full_prefix_blocks` blocks of each step
+    computed in full while later blocks load.
     Raises ValueError for malformed requests and lets JobCancelled from `on_step` propagate.
     """
     settings = settings or RunnerSettings.from_env()
@@ -124,7 +128,9 @@ def run_edit(
             timings["decode"] = _elapsed_ms(start)
         else:
             start = time.perf_counter()
-            generated = _denoise_and_decode_masked(model, request, inputs, settings, activations, on_step)
+            generated = _denoise_and_decode_masked(
+                model, request, inputs, settings, activations, on_step, block_source, full_prefix_blocks
+            )
             timings["denoise"] = _elapsed_ms(start)
 
     start = time.perf_counter()
@@ -221,6 +227,8 @@ def _denoise_and_decode_masked(
     settings: RunnerSettings,
     activations: TemplateActivations,
     on_step: StepCallback | None,
+    block_source: BlockCacheSource | None,
+    full_prefix_blocks: int,
 ) -> np.ndarray:
     """Denoise only the masked tokens over the cached template activations; return the decoded padded image."""
     cached = run_cached_edit(
@@ -235,6 +243,8 @@ def _denoise_and_decode_masked(
         max_sequence_length=settings.max_sequence_length,
         dilation=settings.dilation_tokens,
         feather_px=0,
+        full_prefix_blocks=full_prefix_blocks,
+        block_source=block_source,
         on_step=on_step,
     )
     return cached.generated

@@ -76,6 +76,7 @@ class Workers:
     log_dir: Path
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     hostnames: dict[str, str] = field(default_factory=dict)
+    warmed: set[str] = field(default_factory=set)
 
     def start(self, name: str, queues: list[str], env: dict[str, str] | None = None) -> None:
         node = f"{name}-{uuid.uuid4().hex[:6]}"
@@ -239,6 +240,23 @@ def wait_until_running(job: EditJob, *, min_progress: float = 0.0, timeout_s: fl
     raise AssertionError(f"job {job.pk} did not start within {timeout_s:.0f} s")
 
 
+@pytest.fixture
+def warm_workers(api_client_for, workers) -> None:
+    """Let workers a and b each finish one job first.
+
+    A pool child imports torch and loads the model inside its first task, so a short time limit on
+    that task would expire before the job is even claimed. With prefetch 1 a busy worker fetches
+    nothing more, so two jobs submitted together go to both workers.
+    """
+    client = api_client_for("warm-up")
+    for _ in range(4):
+        jobs = wait_until_final([submit_full_mask_job(client, steps=2).pk for _ in range(2)])
+        workers.warmed |= {workers.name_of(job.worker) for job in jobs}
+        if {"a", "b"} <= workers.warmed:
+            return
+    raise AssertionError(f"only workers {sorted(workers.warmed)} ran a job")
+
+
 # --- Cancel in every state.
 
 
@@ -290,7 +308,7 @@ def test_cancel_finished_job_is_conflict(api_client_for, workers, fault_media):
 # --- Time limits and resource faults.
 
 
-def test_soft_time_limit_fails_job_with_reason(api_client_for, workers, monkeypatch):
+def test_soft_time_limit_fails_job_with_reason(api_client_for, workers, warm_workers, monkeypatch):
     client = api_client_for("alice")
     job = submit_full_mask_job(client, steps=100, send=False, monkeypatch=monkeypatch)
 
@@ -307,6 +325,19 @@ def test_soft_time_limit_fails_job_with_reason(api_client_for, workers, monkeypa
     response = client.post(f"/api/jobs/{job.pk}/cancel/")
     assert response.status_code == 409
     assert "failed" in response.json()["detail"]
+
+
+def test_interrupted_job_fails_after_max_attempts(api_client_for, monkeypatch):
+    client = api_client_for("alice")
+    job = submit_full_mask_job(client, steps=2, send=False, monkeypatch=monkeypatch)
+    EditJob.objects.filter(pk=job.pk).update(status=JobStatus.RUNNING, attempts=execution.MAX_ATTEMPTS)
+
+    execution.execute_job(str(job.pk), worker="in-process", redelivered=True)
+
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED
+    assert f"interrupted {execution.MAX_ATTEMPTS} times" in job.error
+    assert not job.result
 
 
 def test_unwritable_media_fails_job_worker_lives(api_client_for, workers, broken_media, monkeypatch):
@@ -337,7 +368,7 @@ def test_out_of_memory_retries_at_smaller_size(api_client_for, fault_media, monk
     job = submit_full_mask_job(client, steps=2, send=False, monkeypatch=monkeypatch)
     sizes: list[int] = []
 
-    def run_job(job, timings, runner_settings):
+    def run_job(job, timings, runner_settings, **kwargs):
         sizes.append(runner_settings.max_work_pixels)
         if len(sizes) == 1:
             raise MemoryError("simulated allocation failure")
@@ -358,7 +389,7 @@ def test_out_of_memory_twice_fails_with_message(api_client_for, monkeypatch):
     client = api_client_for("alice")
     job = submit_full_mask_job(client, steps=2, send=False, monkeypatch=monkeypatch)
 
-    def run_job(job, timings, runner_settings):
+    def run_job(job, timings, runner_settings, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(execution, "run_job", run_job)

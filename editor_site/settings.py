@@ -173,6 +173,8 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 EDITOR_JOB_HARD_TIME_LIMIT_S = env_int("EDITOR_JOB_HARD_TIME_LIMIT_S", 1800, minimum=10)
 # At the soft limit the task gets SoftTimeLimitExceeded and marks its job failed; at the hard limit
 # the prefork pool kills the child process. The gap gives the soft handler time to write the row.
+# Celery's prefork pool (5.x) starts the hard timer only when the soft one fires, so a hard limit
+# below the soft one would never fire before the soft one: hence the check below.
 EDITOR_JOB_SOFT_TIME_LIMIT_S = env_int(
     "EDITOR_JOB_SOFT_TIME_LIMIT_S", EDITOR_JOB_HARD_TIME_LIMIT_S - max(5, EDITOR_JOB_HARD_TIME_LIMIT_S // 20), minimum=1
 )

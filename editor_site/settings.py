@@ -7,6 +7,7 @@ Local runs use SQLite under ``var/`` and an embedded Redis started by ``make run
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import dj_database_url
@@ -142,6 +143,12 @@ REST_FRAMEWORK = {
 # Job submissions per user, as DRF rate syntax ("120/min", "10/s"); empty turns the limit off. Reads
 # and status polling are not throttled.
 EDITOR_JOB_SUBMIT_RATE = env_str("EDITOR_JOB_SUBMIT_RATE", "120/min") or None
+# DRF reads the number and the first letter of the period (s, m, h or d).
+if EDITOR_JOB_SUBMIT_RATE and not re.fullmatch(r"[1-9][0-9]*/[smhd][a-z]*", EDITOR_JOB_SUBMIT_RATE):
+    raise ImproperlyConfigured(
+        f"EDITOR_JOB_SUBMIT_RATE={EDITOR_JOB_SUBMIT_RATE!r} is invalid; use a count per period such as "
+        "'120/min', '10/s' or '1000/day', or leave it empty for no limit."
+    )
 # Throttle counters live in the default cache. The local-memory default counts per web process; set
 # CACHE_REDIS_URL so that all web processes share one count.
 if env_str("CACHE_REDIS_URL"):

@@ -80,3 +80,10 @@ def test_soft_limit_above_hard_limit_stops_startup(tmp_path):
 
     assert result.returncode != 0
     assert "EDITOR_JOB_SOFT_TIME_LIMIT_S=90 must be below" in result.stderr
+
+
+def test_invalid_submit_rate_stops_startup(tmp_path):
+    result = run([sys.executable, "manage.py", "check"], production_env(tmp_path, EDITOR_JOB_SUBMIT_RATE="lots"))
+
+    assert result.returncode != 0
+    assert "EDITOR_JOB_SUBMIT_RATE='lots' is invalid" in result.stderr

@@ -200,3 +200,29 @@ def test_slow_disk_plan_chooses_full_recompute(model, disk_only_store, template)
     decision = caching.decide(model, key, 0.2, pending_same_key=0, counts=streamed_counts(model, template, settings))
     assert decision.outcome == CacheOutcome.BYPASS
     assert decision.streamed is None
+
+
+@pytest.mark.parametrize(("width", "height"), [(200, 160), (451, 300), (3000, 2000)])
+def test_working_size_matches_prepared_inputs(model, width, height):
+    settings = RunnerSettings()
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    inputs = prepare_working_inputs(image, np.zeros((height, width), bool), settings.max_work_pixels, 16)
+    assert caching.working_size(model, width, height, settings) == inputs.padded
+
+
+def test_prefetch_promotes_disk_entry(model, monkeypatch, tmp_path, template):
+    settings = RunnerSettings()
+    key = key_for(model, template)
+    monkeypatch.setenv("EDITOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("EDITOR_CACHE_BYTES", "0")
+    template_cache.reset_store()
+    caching.warm_template(model, caching.working_template(model, template, settings), key, settings=settings)
+    # A worker restart: a new store with a memory tier finds the entry on disk.
+    monkeypatch.delenv("EDITOR_CACHE_BYTES")
+    template_cache.reset_store()
+    store = template_cache.get_store()
+    assert store.tier_of(key) == "disk"
+    assert caching.prefetch_keys([key]) == 1
+    assert caching.prefetcher().prefetch(key).result(timeout=30) is True
+    assert store.tier_of(key) == "memory"
+    template_cache.reset_store()

@@ -21,7 +21,8 @@ import numpy as np
 from cache.disk import CorruptEntryError
 from cache.keys import CacheKey
 from cache.loader import CacheLoadError
-from editing.imaging import token_mask
+from cache.prefetch import Prefetcher
+from editing.imaging import fit_working_size, token_mask
 from editing.models import CacheOutcome
 from workers.cache_streaming import StreamedCache, open_streamed, profile_tracker, record_denoise
 from workers.masked.activations import TemplateActivations
@@ -234,3 +235,31 @@ def record_timings(
         block_bytes = (get_store().disk.entry_nbytes_of(decision.key) or 0) // max(1, steps * shape.num_blocks)
         for seconds in decision.streamed.source.loader.timings.load.values():
             tracker.record(load=(block_bytes, seconds))
+
+
+def working_size(model: LoadedModel, width: int, height: int, settings: RunnerSettings) -> tuple[int, int]:
+    """Return the padded (width, height) that ``prepare_working_inputs`` gives an image of this size."""
+    multiple = model.pipe.vae_scale_factor * 2
+    work_width, work_height = fit_working_size(width, height, settings.max_work_pixels, multiple)
+    return -(-work_width // multiple) * multiple, -(-work_height // multiple) * multiple
+
+
+def prefetch_keys(keys: list[CacheKey]) -> int:
+    """Start promoting the disk-resident ones among ``keys`` into memory; return how many started."""
+    store = get_store()
+    started = 0
+    for key in keys:
+        if store.tier_of(key) == "disk":
+            prefetcher().prefetch(key)
+            started += 1
+    return started
+
+
+_prefetcher: Prefetcher | None = None
+
+
+def prefetcher() -> Prefetcher:
+    global _prefetcher
+    if _prefetcher is None or _prefetcher.store is not get_store():
+        _prefetcher = Prefetcher(get_store())
+    return _prefetcher

@@ -103,6 +103,28 @@ def read_inputs(job: EditJob) -> tuple[np.ndarray, np.ndarray]:
     return image, mask > 127
 
 
+PREFETCH_LOOKAHEAD = 4
+
+
+def prefetch_for_waiting_jobs(model, job: EditJob, runner_settings: RunnerSettings) -> None:
+    """Start promoting the disk-resident caches of the next queued jobs while this one runs."""
+    waiting = (
+        EditJob.objects.filter(status=JobStatus.QUEUED).exclude(pk=job.pk).select_related("template")
+        .order_by("created_at")[:PREFETCH_LOOKAHEAD]
+    )
+    keys = []
+    for other in waiting:
+        size = caching.working_size(model, other.template.width, other.template.height, runner_settings)
+        keys.append(caching.cache_key(
+            model, template_hash=other.template.content_hash, working_size=size, steps=other.steps,
+            seed=other.seed, guidance=other.guidance, variant=settings.EDITOR_CACHE_VARIANT,
+            warmup_prompt=caching.WARMUP_PROMPT, max_sequence_length=runner_settings.max_sequence_length,
+        ))
+    started = caching.prefetch_keys(keys)
+    if started:
+        logger.info("prefetching %d disk caches for queued jobs", started)
+
+
 def pending_jobs_like(job: EditJob) -> int:
     """Queued jobs that would use the same cache entry as ``job``."""
     return EditJob.objects.filter(
@@ -292,6 +314,7 @@ def run_job(
         counts=caching.token_counts(model, inputs, runner_settings),
     )
     timings["cache_lookup"] = (time.perf_counter() - start) * 1000
+    prefetch_for_waiting_jobs(model, job, runner_settings)
 
     activations = decision.activations
     edit_progress = StepReporter(job.pk)

@@ -9,6 +9,7 @@ per succeeded job.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -424,6 +425,36 @@ def test_reconciler_resends_only_missing_messages(api_client_for, workers, monke
     (job,) = wait_until_final([lost.pk])
     assert job.status == JobStatus.SUCCEEDED, job.error
     assert job.attempts == 1
+
+
+def test_reconciler_sees_unacked_and_priority_messages(api_client_for, fault_redis, monkeypatch):
+    from editor_site import redis_keys
+
+    client = api_client_for("alice")
+    jobs = [submit_full_mask_job(client, steps=2, send=False, monkeypatch=monkeypatch) for _ in range(2)]
+    EditJob.objects.filter(pk__in=[job.pk for job in jobs]).update(updated_at=jobs[0].updated_at.replace(year=2000))
+    redis_client = redis_keys.client()
+    prefix = redis_keys.key_prefix()
+    raw_messages = []
+    for job in jobs:
+        # A queue no worker consumes, so the message stays put and can be moved by hand.
+        celery_app.send_task(services.RUN_EDIT_TASK, args=[str(job.pk)], queue="edit.parked")
+        raw_messages.append(redis_client.rpop(f"{prefix}edit.parked"))
+    unacked_key = f"{prefix}{reconciler.KOMBU_UNACKED_KEY}"
+    priority_key = f"{prefix}{jobs[1].queue_name}{reconciler.KOMBU_PRIORITY_SEPARATOR}9"
+    # A worker that received the first message holds it in the unacknowledged hash as
+    # [message, exchange, routing key]; the second waits in the priority-9 list of its queue.
+    redis_client.hset(unacked_key, "parked-tag", json.dumps([json.loads(raw_messages[0]), "", "edit.parked"]))
+    redis_client.lpush(priority_key, raw_messages[1])
+
+    try:
+        report = reconciler.reconcile_once(requeue_after_s=REQUEUE_AFTER_S, stale_after_s=STALE_S)
+    finally:
+        redis_client.hdel(unacked_key, "parked-tag")
+        redis_client.delete(priority_key)
+
+    assert report.requeued_jobs == []
+    assert report.in_broker == 2
 
 
 def test_redis_restart_loses_no_queued_job(api_client_for, workers, fault_redis, fault_media):

@@ -442,7 +442,7 @@ def test_reconciler_sees_unacked_and_priority_messages(api_client_for, fault_red
         raw_messages.append(redis_client.rpop(f"{prefix}edit.parked"))
     unacked_key = f"{prefix}{reconciler.KOMBU_UNACKED_KEY}"
     priority_key = f"{prefix}{jobs[1].queue_name}{reconciler.KOMBU_PRIORITY_SEPARATOR}9"
-    # A worker that received the first message holds it in the unacknowledged hash as
+    # A worker that received the first message keeps it in the unacknowledged hash as
     # [message, exchange, routing key]; the second waits in the priority-9 list of its queue.
     redis_client.hset(unacked_key, "parked-tag", json.dumps([json.loads(raw_messages[0]), "", "edit.parked"]))
     redis_client.lpush(priority_key, raw_messages[1])

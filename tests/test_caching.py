@@ -226,3 +226,11 @@ def test_prefetch_promotes_disk_entry(model, monkeypatch, tmp_path, template):
     assert caching.prefetcher().prefetch(key).result(timeout=30) is True
     assert store.tier_of(key) == "memory"
     template_cache.reset_store()
+
+
+def test_measured_profile_is_positive(model, tmp_path):
+    profile = cache_streaming.measured_profile(model, 200, tmp_path)
+    assert profile.compute.seconds(200, 200) > 0
+    assert profile.compute.seconds(200, 200) > profile.compute.seconds(20, 200)
+    assert profile.load.bandwidth_bytes_per_s > 0
+    assert list(tmp_path.iterdir()) == []

@@ -3,15 +3,17 @@
 An entry in host memory is used as it is. An entry on the disk tier is read block by block by a
 ``cache.loader.BlockLoader`` thread in the order the engine consumes it, and ``cache.plan`` decides
 how many leading blocks of each step to compute in full so that the loads run ahead of compute
-instead of stalling it. The cost model starts from FLOP counts at an assumed rate and follows the
-worker's measured timings.
+instead of stalling it. The cost model is profiled on the worker on first use (one block at a few
+token counts, reads of a few sizes) and then corrected after every job.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -19,10 +21,11 @@ from cache.compression import decode
 from cache.entry import block_prefix
 from cache.keys import CacheKey
 from cache.loader import BlockLoader, BlockTensors, DiskBlockSource
-from cache.plan import BlockProfile, ComputeModel, LoadModel, LoadPlan, ProfileTracker, plan_masked
+from cache.plan import BlockProfile, ComputeModel, LoadModel, LoadPlan, ProfileTracker, plan_masked, profile_blocks
 from cache.store import ActivationStore
 from workers.masked.activations import ActivationsMetadata, BlockActivations, TemplateActivations
 from workers.masked.flops import TransformerShape
+from workers.model_loading import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -77,17 +80,73 @@ def flop_compute_model(shape: TransformerShape, device_type: str) -> ComputeMode
     return ComputeModel(c0=0.0, c1=(8 * d * d + 4 * d * f) / rate, c2=4 * d / rate)
 
 
-def profile_tracker(shape: TransformerShape, device_type: str) -> ProfileTracker:
-    """Return this process's cost model, created from FLOP estimates on first use."""
+def estimated_profile(shape: TransformerShape, device_type: str) -> BlockProfile:
+    return BlockProfile(
+        flop_compute_model(shape, device_type),
+        LoadModel(latency_s=ASSUMED_LOAD_LATENCY_S, bandwidth_bytes_per_s=ASSUMED_DISK_BYTES_PER_S),
+    )
+
+
+def measured_profile(model: LoadedModel, total_tokens: int, scratch_dir: Path) -> BlockProfile:
+    """Time one transformer block at a few token counts and file reads at a few sizes, and fit both.
+
+    NOTE: the read timing goes through the page cache right after the write, so it measures the read
+    and copy path rather than the disk; live block-load timings correct the load model afterwards.
+    """
+    transformer = model.pipe.transformer
+    blocks = transformer.single_transformer_blocks or transformer.transformer_blocks
+    block = blocks[0]
+    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    device, dtype = model.device, model.dtype
+    temb = torch.zeros(1, hidden, device=device, dtype=dtype)
+    empty_text = torch.zeros(1, 0, hidden, device=device, dtype=dtype)
+
+    def compute_block(tokens: int) -> None:
+        states = torch.randn(1, tokens, hidden, device=device, dtype=dtype)
+        with torch.inference_mode():
+            block(hidden_states=states, encoder_hidden_states=empty_text, temb=temb)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    scratch = scratch_dir / "profile-read.bin"
+    sizes = [1 << 20, 8 << 20]
+    scratch.write_bytes(os.urandom(max(sizes)))
+
+    def load_bytes(nbytes: int) -> None:
+        with open(scratch, "rb") as handle:
+            torch.frombuffer(bytearray(handle.read(nbytes)), dtype=torch.uint8).to(device)
+
+    try:
+        counts = sorted({max(16, total_tokens // 4), max(32, total_tokens // 2), total_tokens})
+        with model.lock:
+            return profile_blocks(compute_block, counts, load_bytes, sizes, repeats=2)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def profile_tracker(model: LoadedModel, total_tokens: int) -> ProfileTracker:
+    """Return this process's cost model, profiled on first use and corrected by live timings after.
+
+    A failed profile falls back to FLOP counts at an assumed rate, which live timings then correct.
+    """
     global _tracker
     with _tracker_lock:
         if _tracker is None:
-            profile = BlockProfile(
-                flop_compute_model(shape, device_type),
-                LoadModel(latency_s=ASSUMED_LOAD_LATENCY_S, bandwidth_bytes_per_s=ASSUMED_DISK_BYTES_PER_S),
-            )
+            shape = TransformerShape.from_config(model.pipe.transformer.config)
+            try:
+                profile = measured_profile(model, total_tokens, get_store_directory())
+            except (RuntimeError, OSError, ValueError):
+                logger.warning("block profiling failed; starting from FLOP estimates", exc_info=True)
+                profile = estimated_profile(shape, model.device.type)
             _tracker = ProfileTracker(profile)
         return _tracker
+
+
+def get_store_directory() -> Path:
+    from cache.config import CacheSettings
+
+    return Path(CacheSettings.from_env().directory)
 
 
 def reset_profile() -> None:

@@ -170,10 +170,9 @@ def decide(
 
 def open_disk_entry(model: LoadedModel, key: CacheKey, counts: TokenCounts) -> StreamedCache | None:
     """Open a disk entry for streaming; None (a miss) when it is gone or damaged."""
-    shape = TransformerShape.from_config(model.pipe.transformer.config)
     try:
         return open_streamed(
-            get_store(), key, tracker=profile_tracker(shape, model.device.type), text_tokens=counts.text,
+            get_store(), key, tracker=profile_tracker(model, counts.text + counts.image), text_tokens=counts.text,
             masked_tokens=counts.masked, device=model.device,
         )
     except (CorruptEntryError, CacheLoadError, KeyError, ValueError):
@@ -224,8 +223,8 @@ def record_timings(
     if not denoise_ms or decision.full_prefix_blocks or decision.outcome == CacheOutcome.MISS_WARM_FIRST:
         return
     shape = TransformerShape.from_config(model.pipe.transformer.config)
-    tracker = profile_tracker(shape, model.device.type)
     total = counts.text + counts.image
+    tracker = profile_tracker(model, total)
     queries = counts.text + counts.masked if decision.outcome == CacheOutcome.HIT else total
     record_denoise(
         tracker, steps=steps, blocks=shape.num_blocks, query_tokens=queries, key_tokens=total,

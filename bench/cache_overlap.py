@@ -36,11 +36,12 @@ from PIL import Image
 from cache.compression import CODECS, DEFAULT_CODEC, Codec, decode, encode, encoded_nbytes_of, fp8_supported
 from cache.disk import DiskTier
 from cache.entry import block_prefix
-from cache.loader import BlockLoader, BlockTensors, DiskBlockSource, open_block_source
+from cache.loader import BlockLoader, DiskBlockSource, open_block_source
 from cache.plan import BlockProfile, LoadPlan, fit_compute_model, fit_load_model, plan_masked
 from cache.policies import LruPolicy
 from cache.store import ActivationStore
 from cache.testing import make_key
+from workers.cache_streaming import LoaderEngineSource, to_block_activations
 from workers.masked.activations import BlockActivations, TemplateActivations
 from workers.masked.conditioning import PromptEmbedding, embedding_from_tensors
 from workers.masked.inference import MaskedDenoiseInputs, denoise_masked, prepare_masked_inputs
@@ -186,21 +187,6 @@ class ThrottledSource:
 
     def close(self) -> None:
         self.inner.close()
-
-
-def to_block_activations(block: BlockTensors) -> BlockActivations:
-    prefix = block_prefix(block.step, block.block)
-    return BlockActivations(**{name.removeprefix(prefix): tensor for name, tensor in block.tensors.items()})
-
-
-class LoaderEngineSource:
-    """The engine's BlockCacheSource over a BlockLoader."""
-
-    def __init__(self, loader: BlockLoader) -> None:
-        self.loader = loader
-
-    def get(self, step: int, block: int) -> BlockActivations:
-        return to_block_activations(self.loader.get(step, block))
 
 
 class DictEngineSource:

@@ -7,7 +7,7 @@ serves its own thumbnails through views that require staff access to the object.
 from __future__ import annotations
 
 from django.contrib import admin, messages
-from django.db.models import QuerySet
+from django.db.models import Count, Max, Q, QuerySet
 from django.http import FileResponse, Http404, HttpRequest
 from django.template.defaultfilters import filesizeformat
 from django.urls import path, reverse
@@ -16,7 +16,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
 from editing import warmups
-from editing.models import CacheWarmup, EditJob, Template
+from editing.models import CacheOutcome, CacheWarmup, EditJob, Template
 from editing.pages import cache_outcome_label, cache_variant_label, phase_timings, total_text
 
 THUMBNAIL_LIST_PX = 96
@@ -67,15 +67,20 @@ def timings_summary(timings: dict | None) -> str:
 
 @admin.register(Template)
 class TemplateAdmin(admin.ModelAdmin):
-    list_display = ["id", "thumbnail_list", "name", "owner", "size", "use_count", "cache_state", "created_at"]
+    list_display = [
+        "id", "thumbnail_list", "name", "owner", "size", "use_count", "cache_state", "cache_hits", "created_at",
+    ]
     list_display_links = ["id", "thumbnail_list", "name"]
     list_filter = ["owner"]
     search_fields = ["name", "content_hash"]
     readonly_fields = [
         "thumbnail_detail", "size", "width", "height", "content_hash", "use_count", "cache_state",
-        "created_at", "updated_at",
+        "cache_hits", "last_cache_hit", "created_at", "updated_at",
     ]
-    fields = ["name", "owner", "thumbnail_detail", "size", "content_hash", "use_count", "cache_state", "created_at", "updated_at"]
+    fields = [
+        "name", "owner", "thumbnail_detail", "size", "content_hash", "use_count", "cache_state", "cache_hits",
+        "last_cache_hit", "created_at", "updated_at",
+    ]
     actions = ["warm_cache", "drop_cache"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -83,7 +88,24 @@ class TemplateAdmin(admin.ModelAdmin):
         return False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Template]:
-        return super().get_queryset(request).select_related("owner").prefetch_related("warmups")
+        hits = Q(jobs__cache_outcome=CacheOutcome.HIT)
+        return (
+            super().get_queryset(request)
+            .select_related("owner")
+            .prefetch_related("warmups")
+            .annotate(
+                hit_count=Count("jobs", filter=hits), last_hit_at=Max("jobs__finished_at", filter=hits)
+            )
+        )
+
+    @admin.display(description=gettext_lazy("cache hits"), ordering="hit_count")
+    def cache_hits(self, template: Template) -> int:
+        """Jobs of this template that the activation cache served."""
+        return template.hit_count
+
+    @admin.display(description=gettext_lazy("last cache hit"), ordering="last_hit_at")
+    def last_cache_hit(self, template: Template):
+        return template.last_hit_at
 
     def get_urls(self):
         urls = [

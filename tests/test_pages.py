@@ -257,3 +257,28 @@ def test_admin_templates_list_shows_dropped_cache(staff_client, coffee_job):
     )
     html = staff_client.get("/admin/editing/template/").content.decode()
     assert '<td class="field-cache_state">dropped</td>' in html
+
+
+def test_admin_templates_list_counts_cache_hits(staff_client, coffee_job):
+    EditJob.objects.filter(pk=coffee_job.pk).update(cache_outcome="hit")
+    html = staff_client.get("/admin/editing/template/").content.decode()
+    assert '<td class="field-cache_hits">1</td>' in html
+    EditJob.objects.filter(pk=coffee_job.pk).update(cache_outcome="miss_full")
+    html = staff_client.get("/admin/editing/template/").content.decode()
+    assert '<td class="field-cache_hits">0</td>' in html
+
+
+def test_admin_drop_cache_action_marks_warmups(staff_client, coffee_job):
+    from editing.models import CacheWarmup
+
+    warmup = CacheWarmup.objects.create(
+        template=coffee_job.template, seed=0, steps=4, guidance=30.0, variant="kv", status="succeeded",
+        cache_key="k" * 64,
+    )
+    response = staff_client.post(
+        "/admin/editing/template/",
+        {"action": "drop_cache", "_selected_action": [coffee_job.template_id]},
+    )
+    assert response.status_code == 302
+    warmup.refresh_from_db()
+    assert warmup.dropped_at is not None

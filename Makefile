@@ -18,11 +18,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e ".[test]"
 	touch $@
 
-# Installs Debian's Chromium for the browser tests (browser downloads are not used).
+# Debian packages the tests need: Chromium and CJK fonts for the browser tests (browser downloads
+# are not used) and GNU gettext, whose xgettext the translation-coverage test runs.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium fonts-noto-cjk >/dev/null; \
-	  else echo "Chromium is missing: run 'sudo apt-get install chromium fonts-noto-cjk'"; exit 1; fi; }
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	[ -d /usr/share/fonts/opentype/noto ] || missing="$$missing fonts-noto-cjk"; \
+	command -v xgettext >/dev/null 2>&1 || missing="$$missing gettext"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "Missing Debian packages:$$missing; run 'sudo apt-get install$$missing'"; exit 1; fi; \
+	fi
 
 run: install
 	DEBUG=1 $(PY) manage.py runstack

@@ -122,16 +122,26 @@ class Workers:
                 process.wait()
 
 
+def point_celery_at(url: str) -> None:
+    """Send this process's Celery messages and control commands to ``url`` from now on.
+
+    Celery 5.7 keeps its connection pool and producer pool once created, and ``app.close()`` resets
+    only the first, so both references are dropped here. The pools stay open in kombu's registry,
+    keyed by URL, and are reused when the URL is set back.
+    """
+    celery_app._pool = None
+    celery_app.amqp._producer_pool = None
+    celery_app.conf.broker_url = url
+
+
 @pytest.fixture(scope="module")
 def fault_redis(redis_url: str, tmp_path_factory):
     """The private Redis, with this process's Celery client pointed at it for the module."""
     server = RedisServer(tmp_path_factory.mktemp("fault-redis"))
     server.start()
-    celery_app.close()
-    celery_app.conf.broker_url = server.url
+    point_celery_at(server.url)
     yield server
-    celery_app.close()
-    celery_app.conf.broker_url = redis_url
+    point_celery_at(redis_url)
     server.stop()
 
 

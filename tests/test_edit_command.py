@@ -49,7 +49,6 @@ def test_edit_without_worker_says_so(redis_url, demo_user, mask_file, tmp_path, 
 
     # The job's queue becomes edit.m20, which no worker of this test run consumes.
     settings.EDITOR_BUCKET_EDGES = [0.2, 1.0]
-    settings.CELERY_BROKER_URL = redis_url
     with pytest.raises(CommandError, match="No live worker"):
         call_command("edit", image=PHOTOS / "coffee.png", mask=mask_file, prompt="x", out=tmp_path / "o.png")
     assert EditJob.objects.count() == 0
@@ -57,14 +56,12 @@ def test_edit_without_worker_says_so(redis_url, demo_user, mask_file, tmp_path, 
 
 @pytest.mark.django_db
 def test_edit_rejects_missing_file(demo_user, mask_file, tmp_path, settings):
-    settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"
     with pytest.raises(CommandError, match="does not exist"):
         call_command("edit", image=tmp_path / "nope.png", mask=mask_file, prompt="x", out=tmp_path / "o.png")
 
 
 @pytest.mark.django_db
 def test_edit_rejects_wrong_size_mask(demo_user, tmp_path, settings):
-    settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"
     small = tmp_path / "small.png"
     small.write_bytes(png_bytes(stroke_mask(100, 50)))
     with pytest.raises(CommandError, match="mask"):
@@ -73,7 +70,6 @@ def test_edit_rejects_wrong_size_mask(demo_user, tmp_path, settings):
 
 @pytest.mark.django_db
 def test_edit_rejects_bad_steps(demo_user, mask_file, tmp_path, settings):
-    settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"
     with pytest.raises(CommandError, match="--steps"):
         call_command(
             "edit", image=PHOTOS / "coffee.png", mask=mask_file, prompt="x", out=tmp_path / "o.png", steps=0

@@ -37,8 +37,6 @@ class Command(BaseCommand):
         parser.add_argument("--user", default="demo", help="Owner of the template and job (default: demo).")
 
     def handle(self, *args, **options) -> None:
-        if not settings.CELERY_BROKER_URL:
-            raise CommandError("No Redis broker is configured: start the stack with 'make run' or set REDIS_URL.")
         if not 1 <= options["steps"] <= settings.EDITOR_MAX_STEPS:
             raise CommandError(f"--steps must be between 1 and {settings.EDITOR_MAX_STEPS}; got {options['steps']}.")
         if not 0 <= options["seed"] <= 2**32 - 1:
@@ -52,11 +50,13 @@ class Command(BaseCommand):
             raise CommandError(f"User '{options['user']}' does not exist; run 'make run' once or pass --user.")
         image, mask = self.read_inputs(options["image"], options["mask"])
 
+        if not celery_app.conf.broker_url:
+            raise CommandError("No Redis broker is configured: start the stack with 'make run' or set REDIS_URL.")
         job_queue = services.bucket_for_mask(mask).queue
         try:
             queues = live_queues()
         except OSError as error:
-            raise CommandError(f"Cannot reach the Redis broker at {settings.CELERY_BROKER_URL}: {error}") from None
+            raise CommandError(f"Cannot reach the Redis broker at {celery_app.conf.broker_url}: {error}") from None
         if job_queue not in queues:
             raise CommandError(
                 f"No live worker serves queue {job_queue}; start the stack with 'make run' (or a worker with -Q {job_queue})."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -16,6 +17,10 @@ from editor_site.broker import embedded_url_file
 from editor_site.stack import ProcessGroup, port_in_use, start_embedded_redis, wait_for_port, worker_command
 
 logger = logging.getLogger(__name__)
+
+
+def raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 class Command(BaseCommand):
@@ -42,6 +47,8 @@ class Command(BaseCommand):
 
             ensure_demo_model(var_dir / "models", "demo")
 
+        # `kill` and service managers send SIGTERM; stop the children as Ctrl-C does.
+        signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
         group = ProcessGroup()
         env = os.environ.copy()
         url_file = embedded_url_file(var_dir)

@@ -152,7 +152,7 @@ def discard_unrecorded_result(job: EditJob, stored: str) -> None:
 
 
 def execute_job(
-    job_id: str, *, worker: str, redelivered: bool = False, soft_time_limit_s: int | None = None
+    job_id: str, *, worker: str, redelivered: bool = False, soft_time_limit_s: float | None = None
 ) -> None:
     """Claim and run one edit job.
 
@@ -192,7 +192,7 @@ def execute_job(
         raise DatabaseConnectionLost(f"job {job_id}: {type(error).__name__}: {error}") from error
 
 
-def run_claimed_job(job: EditJob, *, worker: str, soft_time_limit_s: int | None) -> None:
+def run_claimed_job(job: EditJob, *, worker: str, soft_time_limit_s: float | None) -> None:
     """Run a job this worker has claimed and store its outcome; database errors propagate."""
     job_id = str(job.pk)
     timings: dict[str, float] = {}
@@ -215,10 +215,10 @@ def run_claimed_job(job: EditJob, *, worker: str, soft_time_limit_s: int | None)
         raise
     except SoftTimeLimitExceeded:
         limit = soft_time_limit_s or settings.EDITOR_JOB_SOFT_TIME_LIMIT_S
-        logger.error("job %s exceeded the soft time limit of %d s", job_id, limit)
+        logger.error("job %s exceeded the soft time limit of %g s", job_id, limit)
         jobstate.fail(
             job.pk,
-            error=f"The job timed out: it ran longer than the time limit of {limit} s "
+            error=f"The job timed out: it ran longer than the time limit of {limit:g} s "
             "(EDITOR_JOB_SOFT_TIME_LIMIT_S); use fewer steps or a smaller image.",
             timings=timings,
         )

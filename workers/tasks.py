@@ -34,7 +34,7 @@ def run_edit_job(self, job_id: str, takeover: bool = False) -> None:
     try:
         execute_job(
             job_id, worker=self.request.hostname or "worker", redelivered=redelivered or takeover,
-            soft_time_limit_s=int(soft_limit) if soft_limit else None,
+            soft_time_limit_s=float(soft_limit) if soft_limit else None,
         )
     except DatabaseConnectionLost as error:
         # Only this worker held the job, so the re-sent message may take it over. Beyond the retry

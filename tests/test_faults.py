@@ -38,6 +38,8 @@ STALE_S = 10
 REQUEUE_AFTER_S = 2
 FINAL_TIMEOUT_S = 120
 SIZE = 256
+# Side of the templates of long jobs (100 steps), which must still be running seconds after they start.
+LONG_SIZE = 384
 FAULT_QUEUE = "edit.faults"
 
 
@@ -197,16 +199,17 @@ def result_files(media: Path) -> list[Path]:
 
 
 def submit_full_mask_job(client, *, steps: int, send: bool = True, monkeypatch=None) -> EditJob:
-    """Upload a small template and submit a job whose mask covers it all, so no warm-up or cache runs."""
+    """Upload a template and submit a job whose mask covers it all, so no warm-up or cache runs."""
+    size = LONG_SIZE if steps >= 100 else SIZE
     rng = np.random.default_rng(steps)
-    image = rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    image = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
     response = client.post(
         "/api/templates/", {"image": SimpleUploadedFile("t.png", png_bytes(image))}, format="multipart"
     )
     assert response.status_code == 201, response.content
     if not send:
         monkeypatch.setattr(services, "enqueue", lambda job: None)
-    mask = np.full((SIZE, SIZE), 255, dtype=np.uint8)
+    mask = np.full((size, size), 255, dtype=np.uint8)
     response = client.post(
         "/api/jobs/",
         {"template": response.json()["id"], "mask": SimpleUploadedFile("m.png", png_bytes(mask)),
@@ -325,13 +328,13 @@ def test_soft_time_limit_fails_job_with_reason(api_client_for, workers, warm_wor
 
     # The message carries its own limits, as a deployment's CELERY_TASK_SOFT_TIME_LIMIT would set them.
     celery_app.send_task(
-        services.RUN_EDIT_TASK, args=[str(job.pk)], queue=job.queue_name, soft_time_limit=1, time_limit=60
+        services.RUN_EDIT_TASK, args=[str(job.pk)], queue=job.queue_name, soft_time_limit=0.5, time_limit=60
     )
 
     (job,) = wait_until_final([job.pk])
     assert job.status == JobStatus.FAILED
     assert "timed out" in job.error
-    assert "1 s" in job.error
+    assert "0.5 s" in job.error
     assert not job.result
     response = client.post(f"/api/jobs/{job.pk}/cancel/")
     assert response.status_code == 409
@@ -447,24 +450,28 @@ def test_reconciler_sees_unacked_and_priority_messages(api_client_for, fault_red
     prefix = redis_keys.key_prefix()
     raw_messages = []
     for job in jobs:
-        # A queue no worker consumes, so the message stays put and can be moved by hand.
+        # A queue no worker consumes, so the messages stay put and can be moved by hand.
         celery_app.send_task(services.RUN_EDIT_TASK, args=[str(job.pk)], queue="edit.parked")
         raw_messages.append(redis_client.rpop(f"{prefix}edit.parked"))
     unacked_key = f"{prefix}{reconciler.KOMBU_UNACKED_KEY}"
-    priority_key = f"{prefix}{jobs[1].queue_name}{reconciler.KOMBU_PRIORITY_SEPARATOR}9"
+    priority_key = f"{prefix}edit.parked{reconciler.KOMBU_PRIORITY_SEPARATOR}9"
     # A worker that received the first message keeps it in the unacknowledged hash as
-    # [message, exchange, routing key]; the second waits in the priority-9 list of its queue.
+    # [message, exchange, routing key]; the second waits in the priority-9 list of edit.parked.
     redis_client.hset(unacked_key, "parked-tag", json.dumps([json.loads(raw_messages[0]), "", "edit.parked"]))
     redis_client.lpush(priority_key, raw_messages[1])
 
     try:
+        found = reconciler.broker_arguments(redis_client, prefix, ["edit.parked"])
         report = reconciler.reconcile_once(requeue_after_s=REQUEUE_AFTER_S, stale_after_s=STALE_S)
     finally:
         redis_client.hdel(unacked_key, "parked-tag")
         redis_client.delete(priority_key)
 
-    assert report.requeued_jobs == []
-    assert report.in_broker == 2
+    assert found == {str(jobs[0].pk), str(jobs[1].pk)}
+    # The reconciler watches only the service's queues: the unacknowledged message counts, while
+    # the one parked on another queue looks missing and is re-sent to the job's bucket queue.
+    assert report.in_broker == 1
+    assert report.requeued_jobs == [str(jobs[1].pk)]
 
 
 def test_redis_restart_loses_no_queued_job(api_client_for, workers, fault_redis, fault_media):

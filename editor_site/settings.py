@@ -226,7 +226,7 @@ EDITOR_WARMUP_ON_CREATE = env_bool("EDITOR_WARMUP_ON_CREATE", True)
 # receives its message; it must exceed the slowest single phase (model load, one step, decode).
 EDITOR_STALE_RUNNING_S = env_int("EDITOR_STALE_RUNNING_S", 600, minimum=10)
 # The reconciler re-sends the message of a job or warm-up queued for longer than this without a
-# message in the broker, at most once per this interval.
+# message in the broker. A Redis key with this expiry limits re-sends to one per interval.
 EDITOR_REQUEUE_AFTER_S = env_int("EDITOR_REQUEUE_AFTER_S", 60, minimum=1)
 
 LOGGING = {

@@ -40,7 +40,15 @@ def report_progress(job_id: uuid.UUID | str, progress: float) -> bool:
     return updated == 1
 
 
-def succeed(job_id: uuid.UUID | str, *, result_name: str, timings: dict[str, float]) -> bool:
+def succeed(
+    job_id: uuid.UUID | str,
+    *,
+    result_name: str,
+    timings: dict[str, float],
+    details: dict[str, object] | None = None,
+) -> bool:
+    """Store the result; ``details`` (cache outcome and such) land in the same UPDATE, so a client
+    that sees ``succeeded`` also sees them."""
     updated = EditJob.objects.filter(pk=job_id, status=JobStatus.RUNNING).update(
         status=JobStatus.SUCCEEDED,
         result=result_name,
@@ -49,6 +57,7 @@ def succeed(job_id: uuid.UUID | str, *, result_name: str, timings: dict[str, flo
         error="",
         finished_at=timezone.now(),
         updated_at=timezone.now(),
+        **(details or {}),
     )
     return updated == 1
 

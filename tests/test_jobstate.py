@@ -86,3 +86,13 @@ def test_progress_is_clamped_and_only_for_running(job):
     assert jobstate.report_progress(job.pk, 7.0) is True
     job.refresh_from_db()
     assert job.progress == 1.0
+
+
+def test_succeed_stores_details_with_status(job):
+    jobstate.claim(job.pk, worker="w")
+    details = {"cache_outcome": "hit", "flop_fraction": 0.25}
+    assert jobstate.succeed(job.pk, result_name="r.png", timings={}, details=details) is True
+    job.refresh_from_db()
+    assert job.status == JobStatus.SUCCEEDED
+    assert job.cache_outcome == "hit"
+    assert job.flop_fraction == 0.25

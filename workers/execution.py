@@ -232,8 +232,14 @@ def run_claimed_job(job: EditJob, *, worker: str, soft_time_limit_s: float | Non
         jobstate.fail(job.pk, error=f"{type(error).__name__}: {error}", timings=timings)
         return
 
+    details = {
+        "cache_outcome": decision.outcome,
+        "cache_variant": settings.EDITOR_CACHE_VARIANT if decision.key else "",
+        "cache_key": decision.key.digest() if decision.key else "",
+        "flop_fraction": decision.flop_fraction,
+    }
     try:
-        won = jobstate.succeed(job.pk, result_name=stored, timings=timings)
+        won = jobstate.succeed(job.pk, result_name=stored, timings=timings, details=details)
     except DatabaseError:
         discard_unrecorded_result(job, stored)
         raise
@@ -242,12 +248,6 @@ def run_claimed_job(job: EditJob, *, worker: str, soft_time_limit_s: float | Non
         job.result.storage.delete(stored)
         logger.info("job %s finished elsewhere; discarded this attempt's result", job_id)
         return
-    EditJob.objects.filter(pk=job.pk).update(
-        cache_outcome=decision.outcome,
-        cache_variant=settings.EDITOR_CACHE_VARIANT if decision.key else "",
-        cache_key=decision.key.digest() if decision.key else "",
-        flop_fraction=decision.flop_fraction,
-    )
     publish_metrics(worker)
     if decision.queue_warmup:
         warmups.request_warmup(job.template, seed=job.seed, steps=job.steps, guidance=job.guidance)

@@ -17,8 +17,8 @@ from editing.models import EditJob, JobStatus
 def claim(job_id: uuid.UUID | str, *, worker: str, allow_restart: bool = False) -> bool:
     """Move a queued job to running for ``worker``.
 
-    With ``allow_restart`` a job left ``running`` by a worker that died is taken over too: the
-    broker redelivered its unacknowledged message, so no live worker holds it.
+    With ``allow_restart`` a job left ``running`` is taken over too. Callers pass it only when the
+    previous worker is gone: the broker redelivered the message, or the job stopped reporting progress.
     """
     statuses = [JobStatus.QUEUED, JobStatus.RUNNING] if allow_restart else [JobStatus.QUEUED]
     updated = EditJob.objects.filter(pk=job_id, status__in=statuses, cancel_requested=False).update(
@@ -47,8 +47,10 @@ def succeed(
     timings: dict[str, float],
     details: dict[str, object] | None = None,
 ) -> bool:
-    """Store the result; ``details`` (cache outcome and such) land in the same UPDATE, so a client
-    that sees ``succeeded`` also sees them."""
+    """Store the result and ``details`` (such as the cache outcome) in one UPDATE.
+
+    A client that reads ``succeeded`` therefore reads the details too.
+    """
     updated = EditJob.objects.filter(pk=job_id, status=JobStatus.RUNNING).update(
         status=JobStatus.SUCCEEDED,
         result=result_name,

@@ -214,7 +214,7 @@ EDITOR_DEFAULT_SEED = env_int("EDITOR_DEFAULT_SEED", 0, minimum=0)
 # Fraction of latent tokens touched by the mask -> queue. A job goes to the first bucket whose
 # upper edge is >= its mask ratio; the last edge must be 1.0.
 EDITOR_BUCKET_EDGES = env_float_list("EDITOR_BUCKET_EDGES", "0.10,0.25,0.50,1.0")
-# A latent token covers 16x16 pixels (VAE factor 8, 2x2 patch packing); the mask is dilated by this
+# A latent token covers 16x16 pixels (VAE factor 8, 2x2 patch packing). The mask is dilated by this
 # many tokens so that content at the edge of the mask is regenerated too.
 EDITOR_MASK_DILATION_TOKENS = env_int("EDITOR_MASK_DILATION_TOKENS", 1, minimum=0)
 # Activation cache: "kv" stores attention keys and values (fastest), "hidden" stores the normalized
@@ -226,7 +226,7 @@ if EDITOR_CACHE_VARIANT not in ("kv", "hidden"):
 EDITOR_METRICS_TOKEN = env_str("EDITOR_METRICS_TOKEN")
 EDITOR_WARMUP_ON_CREATE = env_bool("EDITOR_WARMUP_ON_CREATE", True)
 # A running job that has written no progress for this long is taken over by the next worker that
-# receives its message; it must exceed the slowest single phase (model load, one step, decode).
+# receives its message. It must exceed the slowest single phase (model load, one step, decode).
 EDITOR_STALE_RUNNING_S = env_int("EDITOR_STALE_RUNNING_S", 600, minimum=10)
 # The reconciler re-sends the message of a job or warm-up queued for longer than this without a
 # message in the broker. A Redis key with this expiry limits re-sends to one per interval.

@@ -1,0 +1,141 @@
+"""Routing decisions and latency accounting of the cluster simulation, on hand-built scenarios."""
+
+from __future__ import annotations
+
+import numpy
+import pytest
+
+from bench.cluster_sim import Cluster, CostModel, Job, Scenario, build_cost_model, draw_workload, make_jobs, simulate
+
+# Hit seconds = 1 + 0.01 x masked tokens for 0..100 tokens; a miss takes 10 s.
+COST = CostModel(hit_s_by_tokens=tuple(1.0 + 0.01 * tokens for tokens in range(101)), miss_s=10.0)
+
+
+def job(index: int, arrival_s: float, template: int = 0, masked_tokens: int = 10) -> Job:
+    return Job(index=index, arrival_s=arrival_s, template=template, masked_tokens=masked_tokens)
+
+
+def route(cluster: Cluster, policy: str, request: Job) -> int:
+    cluster.advance(request.arrival_s)
+    worker = cluster.choose(policy, request)
+    cluster.assign(policy, request, worker)
+    return worker
+
+
+def test_round_robin_assigns_in_order() -> None:
+    cluster = Cluster(workers=3, cache_entries=2, cost=COST)
+    workers = [route(cluster, "round_robin", job(i, 0.0)) for i in range(7)]
+    assert workers == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_least_requests_picks_idle_worker() -> None:
+    cluster = Cluster(workers=3, cache_entries=2, cost=COST)
+    # Workers 0 and 2 get a job each; worker 1 stays idle.
+    cluster.assign("least_requests", job(0, 0.0), 0)
+    cluster.assign("least_requests", job(1, 0.0), 2)
+    assert route(cluster, "least_requests", job(2, 0.5)) == 1
+
+
+def test_least_requests_counts_finished_jobs_as_gone() -> None:
+    cluster = Cluster(workers=2, cache_entries=2, cost=COST)
+    cluster.assign("least_requests", job(0, 0.0, masked_tokens=0), 0)  # hit or not, done by 10 s
+    cluster.assign("least_requests", job(1, 0.0, masked_tokens=0), 1)
+    cluster.assign("least_requests", job(2, 0.0, masked_tokens=0), 1)
+    # At 100 s every job has finished, so both workers are idle and the tie goes to worker 0.
+    assert route(cluster, "least_requests", job(3, 100.0)) == 0
+
+
+def test_cost_picks_smallest_predicted_backlog() -> None:
+    cluster = Cluster(workers=2, cache_entries=4, cost=COST)
+    # Worker 0: one job of 100 masked tokens, predicted 2.0 s. Worker 1: two jobs of 10 tokens,
+    # predicted 1.1 s each = 2.2 s. Fewer requests on worker 0, and fewer tokens on worker 1.
+    cluster.assign("cost", job(0, 0.0, template=1, masked_tokens=100), 0)
+    cluster.assign("cost", job(1, 0.0, template=2, masked_tokens=10), 1)
+    cluster.assign("cost", job(2, 0.0, template=2, masked_tokens=10), 1)
+    # Both jobs started at 0 s as misses (10 s each). At 0.5 s the cost router predicts the remaining
+    # work from hit times: worker 0 has 2.0 - 0.5 = 1.5 s, worker 1 has 1.1 - 0.5 + 1.1 = 1.7 s.
+    now_s = 0.5
+    assert cluster.states[0].backlog_s(now_s) == pytest.approx(1.5)
+    assert cluster.states[1].backlog_s(now_s) == pytest.approx(1.7)
+    assert route(cluster, "cost", job(3, now_s, template=3)) == 0
+    assert route(cluster, "least_tokens", job(4, now_s, template=3)) == 1
+
+
+def affinity_cluster() -> Cluster:
+    """Return two idle workers at 50 s: worker 0 caches template 5, worker 1 caches template 6."""
+    cluster = Cluster(workers=2, cache_entries=4, cost=COST)
+    cluster.assign("cost_affinity", job(0, 0.0, template=5), 0)
+    cluster.assign("cost_affinity", job(1, 0.0, template=6), 1)
+    return cluster
+
+
+def test_cost_affinity_picks_worker_holding_template() -> None:
+    cluster = affinity_cluster()
+    # Worker 0 gets a 1.5 s hit queued at 50 s. A template 5 job then predicts 1.5 + 1.1 = 2.6 s on
+    # worker 0 and a 10 s miss on the idle worker 1: the miss penalty outweighs the backlog.
+    cluster.assign("cost_affinity", job(2, 50.0, template=5, masked_tokens=50), 0)
+    assert cluster.states[0].backlog_s(50.0) == pytest.approx(1.5)
+    assert route(cluster, "cost_affinity", job(3, 50.0, template=5)) == 0
+
+
+def test_cost_ignores_template_residency() -> None:
+    cluster = affinity_cluster()
+    cluster.assign("cost_affinity", job(2, 50.0, template=5, masked_tokens=50), 0)
+    assert cluster.choose("cost", job(3, 50.0, template=5)) == 1
+
+
+def test_cost_affinity_leaves_long_backlog() -> None:
+    cluster = affinity_cluster()
+    # Worker 0 gets a 10 s miss of template 7 queued at 50 s. A template 5 job predicts 10 + 1.1 = 11.1 s
+    # on worker 0 and a 10 s miss on worker 1: the backlog outweighs the miss penalty.
+    cluster.assign("cost_affinity", job(2, 50.0, template=7), 0)
+    assert cluster.states[0].backlog_s(50.0) == pytest.approx(10.0)
+    assert route(cluster, "cost_affinity", job(3, 50.0, template=5)) == 1
+
+
+def test_cache_evicts_least_recently_used_template() -> None:
+    cluster = Cluster(workers=1, cache_entries=2, cost=COST)
+    hits = [cluster.assign("round_robin", job(i, 0.0, template=t), 0).hit for i, t in enumerate([1, 2, 1, 3, 2, 1])]
+    # 1 miss, 2 miss, 1 hit, 3 miss (evicts 2), 2 miss (evicts 1), 1 miss.
+    assert hits == [False, False, True, False, False, False]
+
+
+def test_single_job_latency_equals_service_time() -> None:
+    outcomes = simulate([job(0, 3.0, masked_tokens=40)], "cost", workers=4, cache_entries=2, cost=COST)
+    assert outcomes[0].latency_s == pytest.approx(COST.miss_s)
+    # The second job of the same template hits: 1 + 0.01 x 40 = 1.4 s.
+    jobs = [job(0, 3.0, masked_tokens=40), job(1, 20.0, masked_tokens=40)]
+    warm = simulate(jobs, "round_robin", workers=1, cache_entries=2, cost=COST)
+    assert warm[1].hit
+    assert warm[1].latency_s == pytest.approx(1.4)
+
+
+def test_queued_job_waits_for_previous() -> None:
+    outcomes = simulate([job(0, 0.0), job(1, 1.0)], "round_robin", workers=1, cache_entries=2, cost=COST)
+    assert outcomes[1].start_s == pytest.approx(10.0)
+    assert outcomes[1].latency_s == pytest.approx(10.0 - 1.0 + 1.1)
+
+
+def test_unknown_policy_is_rejected() -> None:
+    with pytest.raises(ValueError, match="policy='random'"):
+        simulate([job(0, 0.0)], "random", workers=1, cache_entries=1, cost=COST)
+
+
+def test_same_seed_gives_identical_results() -> None:
+    cost = build_cost_model(image_tokens=64)
+
+    def latencies(seed: int) -> list[float]:
+        scenario = Scenario(workers=4, jobs=300, templates=20, cache_entries=4, seed=seed)
+        gaps, templates, masked = draw_workload(scenario, cost.image_tokens)
+        jobs = make_jobs(gaps, templates, masked, rate_per_s=2.0)
+        return [outcome.latency_s for outcome in simulate(jobs, "cost_affinity", workers=4, cache_entries=4, cost=cost)]
+
+    assert latencies(3) == latencies(3)
+    assert latencies(3) != latencies(4)
+
+
+def test_workload_mask_ratio_mean_near_target() -> None:
+    scenario = Scenario(workers=1, jobs=20000, seed=1)
+    _, templates, masked = draw_workload(scenario, 1024)
+    assert numpy.mean(masked / 1024) == pytest.approx(0.11, abs=0.005)
+    assert templates.max() < scenario.templates

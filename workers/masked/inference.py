@@ -135,16 +135,8 @@ def _denoise_all_tokens(
     image_ids = latent_image_ids(pipe, inputs.height, inputs.width, embedding.prompt_embeds.dtype)
     latents = initial_latents.unsqueeze(0)
     for index, t in enumerate(timesteps):
-        noise_pred = pipe.transformer(
-            hidden_states=torch.cat((latents, inputs.conditioning), dim=2),
-            timestep=t.expand(1).to(latents.dtype) / 1000,
-            guidance=guidance,
-            pooled_projections=embedding.pooled_prompt_embeds,
-            encoder_hidden_states=embedding.prompt_embeds,
-            txt_ids=embedding.text_ids,
-            img_ids=image_ids,
-            return_dict=False,
-        )[0]
+        hidden_states = torch.cat((latents, inputs.conditioning), dim=2)
+        noise_pred = predict_noise(pipe.transformer, hidden_states, t, guidance, embedding, image_ids)
         latents = pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(index + 1, inputs.steps)
@@ -203,16 +195,7 @@ def _denoise_masked_tokens(
                 all_latents[:, masked] = latents
                 hidden_states = torch.cat((all_latents, inputs.conditioning), dim=2)
                 ids = image_ids
-            noise_pred = transformer(
-                hidden_states=hidden_states,
-                timestep=t.expand(1).to(latents.dtype) / 1000,
-                guidance=guidance,
-                pooled_projections=embedding.pooled_prompt_embeds,
-                encoder_hidden_states=embedding.prompt_embeds,
-                txt_ids=embedding.text_ids,
-                img_ids=ids,
-                return_dict=False,
-            )[0]
+            noise_pred = predict_noise(transformer, hidden_states, t, guidance, embedding, ids)
             latents = pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(index + 1, inputs.steps)
@@ -224,6 +207,27 @@ def _denoise_masked_tokens(
     final = trajectory[-1].clone()
     final[masked] = latents[0]
     return final
+
+
+def predict_noise(
+    transformer: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    t: torch.Tensor,
+    guidance: torch.Tensor | None,
+    embedding: PromptEmbedding,
+    image_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Run one transformer forward pass as FluxFillPipeline does and return its noise prediction."""
+    return transformer(
+        hidden_states=hidden_states,
+        timestep=t.expand(1).to(hidden_states.dtype) / 1000,
+        guidance=guidance,
+        pooled_projections=embedding.pooled_prompt_embeds,
+        encoder_hidden_states=embedding.prompt_embeds,
+        txt_ids=embedding.text_ids,
+        img_ids=image_ids,
+        return_dict=False,
+    )[0]
 
 
 def _install_token_gather(

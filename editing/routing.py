@@ -1,7 +1,7 @@
 """Mask-ratio buckets and the Celery queues that serve them.
 
 Similar mask ratios batch well together and cost about the same, so each bucket has its own queue
-(``edit.m10`` holds jobs whose mask touches at most 10% of the latent tokens) and workers subscribe to
+(``edit.m10`` receives jobs whose mask touches at most 10% of the latent tokens) and workers subscribe to
 the buckets they serve with ``-Q``.
 """
 

@@ -1,4 +1,4 @@
-"""Where the Redis broker is: ``REDIS_URL``, or the embedded server that ``make run`` started."""
+"""Location of the Redis broker: ``REDIS_URL``, or the embedded server that ``make run`` started."""
 
 from __future__ import annotations
 

@@ -92,7 +92,8 @@ def test_wrong_size_mask_names_both_sizes(alice, coffee):
     response = submit(alice, coffee["id"], stroke_mask(300, 200))
     assert response.status_code == 400
     message = response.json()["mask"][0]
-    assert "300" in message and "600" in message
+    assert "300" in message
+    assert "600" in message
 
 
 def test_empty_mask_is_rejected(alice, coffee):

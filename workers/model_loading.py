@@ -65,8 +65,8 @@ def load_model(model_ref: str | None, *, var_dir: Path) -> LoadedModel:
     pipe = FluxFillPipeline.from_pretrained(folder, dtype=dtype)
     pipe.to(device)
     if device.type == "cpu":
-        # The VAE's convolutions run about twice as fast in channels-last layout on CPU (measured with
-        # bench.mask_latency on 2 cores); the values are the same up to float rounding.
+        # The VAE's convolutions run about twice as fast in channels-last layout on CPU, as measured with
+        # bench.mask_latency on 2 cores. The values are the same up to float rounding.
         pipe.vae.to(memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(pipe=pipe, model_id=model_id, revision=revision, device=device, dtype=dtype)

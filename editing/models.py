@@ -40,6 +40,8 @@ class Template(models.Model):
     height = models.PositiveIntegerField(_("height"))
     # sha256 of the upright 8-bit RGB pixels and their size: identical content shares one cache.
     content_hash = models.CharField(_("content hash"), max_length=64, db_index=True)
+    # Name of the model (an EDITOR_MODELS entry) that jobs on this template use unless they name one.
+    model = models.CharField(_("model"), max_length=32, blank=True, default="")
     use_count = models.PositiveIntegerField(_("use count"), default=0)
     created_at = models.DateTimeField(_("created at"), auto_now_add=True)
     updated_at = models.DateTimeField(_("updated at"), auto_now=True)
@@ -74,6 +76,8 @@ class EditJob(models.Model):
     seed = models.BigIntegerField(_("seed"))
     steps = models.PositiveIntegerField(_("steps"))
     guidance = models.FloatField(_("guidance"))
+    # Name of the model (an EDITOR_MODELS entry) the job runs on.
+    model = models.CharField(_("model"), max_length=32, blank=True, default="")
 
     status = models.CharField(
         _("status"), max_length=16, choices=JobStatus.choices, default=JobStatus.QUEUED, db_index=True
@@ -142,6 +146,8 @@ class CacheWarmup(models.Model):
     steps = models.PositiveIntegerField(_("steps"))
     guidance = models.FloatField(_("guidance"))
     variant = models.CharField(_("cache variant"), max_length=8)
+    # Name of the model (an EDITOR_MODELS entry) whose activations this warm-up records.
+    model = models.CharField(_("model"), max_length=32, blank=True, default="")
 
     status = models.CharField(
         _("status"), max_length=16, choices=JobStatus.choices, default=JobStatus.QUEUED, db_index=True

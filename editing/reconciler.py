@@ -30,6 +30,7 @@ from django.utils import timezone
 
 from editing import services, warmups
 from editing.models import CacheWarmup, EditJob, JobStatus
+from editing import catalog
 from editing.routing import all_queues
 from editor_site import redis_keys
 
@@ -112,7 +113,7 @@ def reconcile_once(*, requeue_after_s: int | None = None, stale_after_s: int | N
     stale_after_s = stale_after_s or settings.EDITOR_STALE_RUNNING_S
     client = redis_keys.client()
     prefix = redis_keys.key_prefix()
-    in_broker = broker_arguments(client, prefix, all_queues())
+    in_broker = broker_arguments(client, prefix, all_queues(catalog.names()))
     now = timezone.now()
     queued_before = now - timedelta(seconds=requeue_after_s)
     stale_before = now - timedelta(seconds=stale_after_s)

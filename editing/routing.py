@@ -1,8 +1,9 @@
 """Mask-ratio buckets and the Celery queues that serve them.
 
-Similar mask ratios batch well together and cost about the same, so each bucket has its own queue
-(``edit.m10`` receives jobs whose mask touches at most 10% of the latent tokens) and workers subscribe to
-the buckets they serve with ``-Q``.
+Similar mask ratios batch well together and cost about the same, so each bucket of each model has its own
+queue (``edit.flux.m10`` receives jobs for the model named ``flux`` whose mask touches at most 10% of the
+latent tokens). Workers subscribe with ``-Q`` to the queues of the models they serve, so a job only reaches
+a worker that has its model; warm-ups of a model go to its ``control`` queue.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 QUEUE_PREFIX = "edit."
-CONTROL_QUEUE = "edit.control"
+CONTROL = "control"
 
 
 @dataclass(frozen=True)
@@ -21,9 +22,13 @@ class Bucket:
     name: str  # "m10"
     upper_edge: float  # inclusive upper bound of the mask ratio
 
-    @property
-    def queue(self) -> str:
-        return f"{QUEUE_PREFIX}{self.name}"
+    def queue(self, model: str) -> str:
+        return f"{QUEUE_PREFIX}{model}.{self.name}"
+
+
+def control_queue(model: str) -> str:
+    """The queue of the model's warm-ups."""
+    return f"{QUEUE_PREFIX}{model}.{CONTROL}"
 
 
 def buckets(edges: list[float] | None = None) -> list[Bucket]:
@@ -44,5 +49,11 @@ def bucket_for(mask_ratio: float, edges: list[float] | None = None) -> Bucket:
     raise AssertionError("the last bucket edge is 1.0, so every ratio has a bucket")
 
 
-def all_queues(edges: list[float] | None = None) -> list[str]:
-    return [bucket.queue for bucket in buckets(edges)] + [CONTROL_QUEUE]
+def model_queues(model: str, edges: list[float] | None = None) -> list[str]:
+    return [bucket.queue(model) for bucket in buckets(edges)] + [control_queue(model)]
+
+
+def all_queues(models: list[str] | None = None, edges: list[float] | None = None) -> list[str]:
+    """Every queue of `models` (default: the models this worker serves, EDITOR_WORKER_MODELS)."""
+    served = settings.EDITOR_WORKER_MODELS if models is None else models
+    return [queue for model in served for queue in model_queues(model, edges)]

@@ -15,7 +15,7 @@ from django.core.files.base import ContentFile
 from django.db import transaction
 from django.db.models import F
 
-from editing import imaging, jobstate
+from editing import catalog, imaging, jobstate
 from editing.models import EditJob, JobStatus, Template
 from editing.routing import bucket_for
 from editor_site.celery import app as celery_app
@@ -33,11 +33,16 @@ def content_hash(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def create_template(*, owner, name: str, image: np.ndarray) -> Template:
-    """Store a template as the upright 8-bit RGB PNG that every job will read."""
+def create_template(*, owner, name: str, image: np.ndarray, model: str = "") -> Template:
+    """Store a template as the upright 8-bit RGB PNG that every job will read.
+
+    `model` (a served model's name, default the deployment's default model) is the model its warm-up
+    and the jobs that name no model use.
+    """
     height, width = image.shape[:2]
     template = Template(
-        owner=owner, name=name, width=width, height=height, content_hash=content_hash(image)
+        owner=owner, name=name, width=width, height=height, content_hash=content_hash(image),
+        model=model or catalog.default_model().name,
     )
     template.image.save(f"{uuid.uuid4().hex}.png", ContentFile(imaging.encode_png(image)), save=False)
     template.save()
@@ -49,12 +54,21 @@ def create_template(*, owner, name: str, image: np.ndarray) -> Template:
     return template
 
 
-def token_mask_ratio(mask: np.ndarray) -> float:
-    return imaging.mask_ratio(mask, patch=16, dilation=settings.EDITOR_MASK_DILATION_TOKENS)
+def token_mask_ratio(mask: np.ndarray, model: catalog.ModelSpec | None = None) -> float:
+    """Fraction of the model's image tokens that the mask touches, after dilation."""
+    patch = (model or catalog.default_model()).facts.pixels_per_token
+    return imaging.mask_ratio(mask, patch=patch, dilation=settings.EDITOR_MASK_DILATION_TOKENS)
 
 
-def bucket_for_mask(mask: np.ndarray):
-    return bucket_for(token_mask_ratio(mask))
+def job_model(template: Template, requested: str | None) -> catalog.ModelSpec:
+    """The model a job runs on: the requested one, else the template's, else the default model."""
+    spec = catalog.get(requested or template.model)
+    return spec if spec is not None else catalog.default_model()
+
+
+def queue_for_mask(mask: np.ndarray, model: catalog.ModelSpec | None = None) -> str:
+    spec = model or catalog.default_model()
+    return bucket_for(token_mask_ratio(mask, spec)).queue(spec.name)
 
 
 def submit_job(
@@ -66,9 +80,14 @@ def submit_job(
     seed: int,
     steps: int,
     guidance: float,
+    model: str | None = None,
 ) -> EditJob:
-    """Create a queued job and enqueue it on its bucket's queue once the row is committed."""
-    ratio = token_mask_ratio(mask)
+    """Create a queued job and enqueue it on its model's bucket queue once the row is committed.
+
+    `model` must be a served model's name (the API checks it); None takes the template's model.
+    """
+    spec = job_model(template, model)
+    ratio = token_mask_ratio(mask, spec)
     bucket = bucket_for(ratio)
     mask_png = imaging.encode_png(mask.astype(np.uint8) * 255)
     with transaction.atomic():
@@ -79,9 +98,10 @@ def submit_job(
             seed=seed,
             steps=steps,
             guidance=guidance,
+            model=spec.name,
             mask_ratio=ratio,
             bucket=bucket.name,
-            queue_name=bucket.queue,
+            queue_name=bucket.queue(spec.name),
         )
         job.mask.save(f"{uuid.uuid4().hex}.png", ContentFile(mask_png), save=False)
         job.save()

@@ -13,8 +13,9 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from editing import catalog
 from editing.models import CacheWarmup, JobStatus, Template
-from editing.routing import CONTROL_QUEUE
+from editing.routing import control_queue
 from editor_site.celery import app as celery_app
 
 logger = logging.getLogger(__name__)
@@ -30,13 +31,19 @@ def request_warmup(
     seed: int | None = None,
     steps: int | None = None,
     guidance: float | None = None,
+    model: str | None = None,
 ) -> CacheWarmup:
-    """Queue a warm-up for these parameters, or return the one already queued or running."""
+    """Queue a warm-up for these parameters, or return the one already queued or running.
+
+    `model` defaults to the template's model, then to the deployment's default model.
+    """
+    spec = catalog.get(model or template.model) or catalog.default_model()
     params = {
         "seed": settings.EDITOR_DEFAULT_SEED if seed is None else seed,
         "steps": settings.EDITOR_DEFAULT_STEPS if steps is None else steps,
         "guidance": DEFAULT_GUIDANCE if guidance is None else guidance,
-        "variant": settings.EDITOR_CACHE_VARIANT,
+        "variant": cache_variant(spec),
+        "model": spec.name,
     }
     with transaction.atomic():
         active = template.warmups.filter(status__in=[JobStatus.QUEUED, JobStatus.RUNNING], **params).first()
@@ -48,7 +55,15 @@ def request_warmup(
     return warmup
 
 
-def enqueue_warmup(warmup: CacheWarmup, queue: str = CONTROL_QUEUE) -> None:
+def cache_variant(spec: catalog.ModelSpec) -> str:
+    """EDITOR_CACHE_VARIANT where the model's family supports it, else the family's own variant."""
+    variants = spec.facts.variants
+    return settings.EDITOR_CACHE_VARIANT if settings.EDITOR_CACHE_VARIANT in variants else variants[0]
+
+
+def enqueue_warmup(warmup: CacheWarmup, queue: str | None = None) -> None:
+    """Send the warm-up to its model's control queue (or `queue`); a broker failure leaves it queued."""
+    queue = queue or control_queue(warmup.model or catalog.default_model().name)
     if not celery_app.conf.broker_url:
         logger.error("no broker is configured (set REDIS_URL); warm-up %s stays queued", warmup.pk)
         return
@@ -97,6 +112,7 @@ def record_inline_warmup(
     steps: int,
     guidance: float,
     variant: str,
+    model: str,
     cache_key: str,
     cache_bytes: int,
     tier: str,
@@ -106,7 +122,7 @@ def record_inline_warmup(
     """Record a warm-up that a worker ran inside an edit job, so the cache it made counts as valid."""
     now = timezone.now()
     return CacheWarmup.objects.create(
-        template=template, seed=seed, steps=steps, guidance=guidance, variant=variant,
+        template=template, seed=seed, steps=steps, guidance=guidance, variant=variant, model=model,
         status=JobStatus.SUCCEEDED, progress=1.0, cache_key=cache_key, cache_bytes=cache_bytes,
         cache_tier=tier, timings=timings, worker=worker, attempts=1, started_at=now, finished_at=now,
     )

@@ -24,3 +24,11 @@ def client() -> redis.Redis:
     if not url:
         raise ValueError("no Redis broker is configured; set REDIS_URL or start the stack with 'make run'")
     return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+
+def worker_state_key(hostname: str) -> str:
+    return f"{key_prefix()}editor:worker:{hostname}"
+
+
+def worker_state_pattern() -> str:
+    return f"{key_prefix()}editor:worker:*"

@@ -15,6 +15,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.utils.translation import gettext_lazy as _
 
 from editor_site.env import env_bool, env_float_list, env_int, env_str
+from editing.catalog import parse_models
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("EDITOR_VAR_DIR", str(BASE_DIR / "var"))).resolve()
@@ -204,7 +205,23 @@ if env_str("EDITOR_BROKER_KEY_PREFIX"):
 CELERY_TASK_ALWAYS_EAGER = False
 
 # --- Editing service.
+# Models served, as name=family:ref entries (families: flux, sd3, sdxl, sd2; ref: "demo", a local folder or a hub
+# id). The first is the default for jobs that name none. EDITOR_MODEL alone sets the ref of a single Flux model.
 EDITOR_MODEL = env_str("EDITOR_MODEL", "demo")
+try:
+    EDITOR_MODELS = parse_models(env_str("EDITOR_MODELS", f"flux=flux:{EDITOR_MODEL}"))
+except ValueError as error:
+    raise ImproperlyConfigured(str(error)) from None
+# Names of the models this process's worker serves (default: all); its queues are those of these models.
+EDITOR_WORKER_MODELS = [name.strip() for name in env_str("EDITOR_WORKER_MODELS").split(",") if name.strip()] or [
+    spec.name for spec in EDITOR_MODELS
+]
+_unknown_worker_models = sorted(set(EDITOR_WORKER_MODELS) - {spec.name for spec in EDITOR_MODELS})
+if _unknown_worker_models:
+    raise ImproperlyConfigured(
+        f"EDITOR_WORKER_MODELS names {_unknown_worker_models}, which EDITOR_MODELS does not list; "
+        f"use names from {[spec.name for spec in EDITOR_MODELS]}."
+    )
 EDITOR_MAX_UPLOAD_BYTES = env_int("EDITOR_MAX_UPLOAD_BYTES", 25 * 1024 * 1024, minimum=1024)
 EDITOR_MAX_PIXELS = env_int("EDITOR_MAX_PIXELS", 4096 * 4096, minimum=64 * 64)
 EDITOR_MAX_PROMPT_CHARS = env_int("EDITOR_MAX_PROMPT_CHARS", 2000, minimum=1)

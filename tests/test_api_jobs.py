@@ -43,7 +43,8 @@ def test_submit_job_is_queued_with_bucket(alice, coffee, django_capture_on_commi
     assert body["status"] == "queued"
     assert body["queue_position"] == 0
     assert 0 < body["mask_ratio"] < 0.25
-    assert body["queue"] == f"edit.{body['bucket']}"
+    assert body["model"] == "flux"
+    assert body["queue"] == f"edit.flux.{body['bucket']}"
     assert body["steps"] == 20
     assert body["seed"] == 0
     assert len(callbacks) == 1
@@ -53,7 +54,7 @@ def test_bucket_follows_mask_ratio(alice, coffee):
     full = np.full((400, 600), 255, dtype=np.uint8)
     body = submit(alice, coffee["id"], full).json()
     assert body["mask_ratio"] == 1.0
-    assert body["queue"] == "edit.m100"
+    assert body["queue"] == "edit.flux.m100"
 
 
 def test_queue_position_counts_jobs_ahead(alice, coffee):

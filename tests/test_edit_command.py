@@ -47,7 +47,7 @@ def test_edit_writes_result(celery_worker_process, demo_user, mask_file, tmp_pat
 def test_edit_without_worker_says_so(redis_url, demo_user, mask_file, tmp_path, settings, media_root):
     from editing.models import EditJob
 
-    # The job's queue becomes edit.m20, which no worker of this test run consumes.
+    # The job's queue becomes edit.flux.m20, which no worker of this test run consumes.
     settings.EDITOR_BUCKET_EDGES = [0.2, 1.0]
     with pytest.raises(CommandError, match="No live worker"):
         call_command("edit", image=PHOTOS / "coffee.png", mask=mask_file, prompt="x", out=tmp_path / "o.png")

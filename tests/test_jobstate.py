@@ -20,7 +20,7 @@ def job(make_user, media_root) -> EditJob:
     template.save()
     job = EditJob(
         owner=owner, template=template, prompt="p", seed=0, steps=4, guidance=30.0,
-        mask_ratio=0.1, bucket="m10", queue_name="edit.m10",
+        mask_ratio=0.1, bucket="m10", queue_name="edit.flux.m10",
     )
     job.mask.save("m.png", ContentFile(b"x"), save=False)
     job.save()

@@ -17,6 +17,7 @@ if not settings.configured:
 from editing.imaging import dilate  # noqa: E402  (settings must exist before gettext runs)
 from workers import model_loading  # noqa: E402
 from workers.demo_model import build_flux_fill_demo  # noqa: E402
+from editing.catalog import parse_models  # noqa: E402
 from workers.model_loading import LoadedModel, folder_revision, get_model, load_model  # noqa: E402
 from workers.runner import EditRequest, EditResult, JobCancelled, RunnerSettings, run_edit  # noqa: E402
 
@@ -58,7 +59,8 @@ def test_load_model_local_folder(model: LoadedModel, model_dir: Path) -> None:
     assert model.revision.startswith("local-")
     assert model.device == torch.device("cpu")
     assert model.dtype == torch.float32
-    assert model.family == "flux"
+    assert model.family.name == "flux"
+    assert model.name == "flux"
     assert model.pipe.transformer.config.in_channels == 384
 
 
@@ -79,8 +81,8 @@ def test_folder_revision_follows_config(tmp_path: Path, model_dir: Path) -> None
 def test_load_model_demo_builds_under_var(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     built: list[tuple[Path, str]] = []
 
-    def fake_ensure(root: Path, preset: str = "demo") -> Path:
-        built.append((root, preset))
+    def fake_ensure(root: Path, preset: str = "demo", *, builder, folder_name: str) -> Path:
+        built.append((root, folder_name))
         return build_flux_fill_demo(tmp_path / "built", preset="test")
 
     monkeypatch.setattr(model_loading, "ensure_demo_model", fake_ensure)
@@ -91,17 +93,17 @@ def test_load_model_demo_builds_under_var(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert loaded.model_id == "demo"
 
 
-def test_get_model_loads_once_across_threads(monkeypatch: pytest.MonkeyPatch, model: LoadedModel) -> None:
+def test_get_model_loads_once_across_threads(monkeypatch: pytest.MonkeyPatch, model: LoadedModel, settings) -> None:
     calls: list[str] = []
     release = threading.Event()
 
-    def fake_load(model_ref: str | None, *, var_dir: Path) -> LoadedModel:
-        calls.append(str(model_ref))
+    def fake_load(model_ref: str | None, *, var_dir: Path, family: str, name: str) -> LoadedModel:
+        calls.append(f"{name}={family}:{model_ref}")
         release.wait(timeout=10)
         return model
 
     monkeypatch.setattr(model_loading, "load_model", fake_load)
-    monkeypatch.setenv("EDITOR_MODEL", "/models/some-flux-fill")
+    settings.EDITOR_MODELS = parse_models("fill=flux:/models/some-flux-fill,other=sd2:demo")
     model_loading.reset_process_model()
     results: list[LoadedModel] = []
     threads = [threading.Thread(target=lambda: results.append(get_model())) for _ in range(4)]
@@ -112,7 +114,7 @@ def test_get_model_loads_once_across_threads(monkeypatch: pytest.MonkeyPatch, mo
         thread.join(timeout=10)
     model_loading.reset_process_model()
 
-    assert calls == ["/models/some-flux-fill"]
+    assert calls == ["fill=flux:/models/some-flux-fill"]
     assert len(results) == 4
     assert all(result is model for result in results)
 

@@ -26,8 +26,7 @@ from editing.imaging import fit_working_size, token_mask
 from editing.models import CacheOutcome
 from workers.cache_streaming import StreamedCache, open_streamed, profile_tracker, record_denoise
 from workers.masked.activations import TemplateActivations
-from workers.masked.flops import TransformerShape, transformer_flops
-from workers.masked.warmup import warm_up_template
+from workers.masked.flops import TransformerShape
 from workers.model_loading import LoadedModel
 from workers.runner import RunnerSettings, StepCallback, WorkingInputs, prepare_working_inputs
 from workers.template_cache import cache_key, get_store, load_activations, save_activations
@@ -79,7 +78,7 @@ class WarmupOutcome:
 def working_template(model: LoadedModel, image: np.ndarray, settings: RunnerSettings) -> WorkingInputs:
     """Prepare the template alone (empty mask) at the working size that jobs on it use."""
     empty = np.zeros(image.shape[:2], dtype=bool)
-    return prepare_working_inputs(image, empty, settings.max_work_pixels, model.pipe.vae_scale_factor * 2)
+    return prepare_working_inputs(image, empty, settings.max_work_pixels, model.working_multiple)
 
 
 def job_cache_key(
@@ -106,19 +105,25 @@ def job_cache_key(
     )
 
 
+def job_token_mask(model: LoadedModel, inputs: WorkingInputs, settings: RunnerSettings) -> np.ndarray:
+    """The job's finest-level token mask at the working size, dilated as the masked pass uses it."""
+    return token_mask(np.asarray(inputs.mask) > 127, patch=model.token_pixels, dilation=settings.dilation_tokens)
+
+
 def token_counts(model: LoadedModel, inputs: WorkingInputs, settings: RunnerSettings) -> TokenCounts:
-    patch = model.pipe.vae_scale_factor * 2
-    tokens = token_mask(np.asarray(inputs.mask) > 127, patch=patch, dilation=settings.dilation_tokens)
-    return TokenCounts(image=int(tokens.size), masked=int(tokens.sum()), text=settings.max_sequence_length)
+    tokens = job_token_mask(model, inputs, settings)
+    text = model.family.text_tokens(model.pipe, settings.max_sequence_length)
+    return TokenCounts(image=int(tokens.size), masked=int(tokens.sum()), text=text)
 
 
 def masked_flop_fraction(model: LoadedModel, inputs: WorkingInputs, *, variant: str, settings: RunnerSettings) -> float:
-    """Transformer FLOPs of the masked pass over those of a full pass, for the job's working-size mask."""
-    counts = token_counts(model, inputs, settings)
-    shape = TransformerShape.from_config(model.pipe.transformer.config)
-    full = transformer_flops(shape, counts.text, counts.image)
-    masked = transformer_flops(shape, counts.text, counts.image, counts.masked, variant)  # type: ignore[arg-type]
-    return masked / full
+    """Denoiser FLOPs of the masked pass over those of a full pass, for the job's working-size mask."""
+    tokens = job_token_mask(model, inputs, settings)
+    width, height = inputs.padded
+    return model.family.flop_fraction(
+        model.pipe, height=height, width=width, token_mask=tokens,
+        text_tokens=model.family.text_tokens(model.pipe, settings.max_sequence_length), variant=variant,
+    )
 
 
 def should_warm_first(pending_same_key: int, flop_fraction: float) -> bool:
@@ -150,7 +155,7 @@ def decide(
     store = get_store()
     if not cache_valid and store.drop(key):
         logger.info("cache entry %s was dropped by an operator; discarded", key.short())
-    if cache_valid and counts is not None and store.tier_of(key) == "disk":
+    if cache_valid and counts is not None and model.family.streams_from_disk and store.tier_of(key) == "disk":
         streamed = open_disk_entry(model, key, counts)
         if streamed is not None and streamed.source is not None:
             return CacheDecision(
@@ -192,7 +197,7 @@ def warm_template(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     with model.lock:
-        activations = warm_up_template(
+        activations = model.family.warm_up(
             model.pipe,
             np.asarray(template.image),
             seed=key.seed,
@@ -222,6 +227,8 @@ def record_timings(
     # A warm-up inside the job or a mixed full/masked plan blurs the per-block figure; skip those.
     if not denoise_ms or decision.full_prefix_blocks or decision.outcome == CacheOutcome.MISS_WARM_FIRST:
         return
+    if not model.family.streams_from_disk:
+        return  # the block cost model drives disk streaming, which only such families use
     shape = TransformerShape.from_config(model.pipe.transformer.config)
     total = counts.text + counts.image
     tracker = profile_tracker(model, total)
@@ -238,7 +245,7 @@ def record_timings(
 
 def working_size(model: LoadedModel, width: int, height: int, settings: RunnerSettings) -> tuple[int, int]:
     """Return the padded (width, height) that ``prepare_working_inputs`` gives an image of this size."""
-    multiple = model.pipe.vae_scale_factor * 2
+    multiple = model.working_multiple
     work_width, work_height = fit_working_size(width, height, settings.max_work_pixels, multiple)
     return -(-work_width // multiple) * multiple, -(-work_height // multiple) * multiple
 

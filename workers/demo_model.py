@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,24 +145,36 @@ def build_flux_fill_demo(out_dir: Path, *, preset: str = "demo", seed: int = 0) 
     return out_dir
 
 
-def ensure_demo_model(root: Path, preset: str = "demo") -> Path:
-    """Return `root/<preset>`, building the demo model there first unless it is already complete.
+def ensure_demo_model(
+    root: Path,
+    preset: str = "demo",
+    *,
+    builder: Callable[[Path, str], None] | None = None,
+    folder_name: str | None = None,
+) -> Path:
+    """Return `root/<folder_name or preset>`, building the demo model there first unless it is complete.
+
+    `builder(folder, preset)` writes the pipeline (default: the Flux Fill demo).
 
     A folder that contains `model_index.json` is complete, because the build writes into a temporary
     sibling folder and renames it into place only when done. When two processes build at once, the
     first rename wins and the other process discards its copy.
     """
-    _preset(preset)
+    if builder is None:
+        _preset(preset)
     root = Path(root)
-    target = root / preset
+    target = root / (folder_name or preset)
     if (target / MODEL_INDEX).is_file():
         logger.debug("Reusing demo model %s", target)
         return target
 
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{preset}-building-", dir=root))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-building-", dir=root))
     try:
-        build_flux_fill_demo(staging, preset=preset)
+        if builder is None:
+            build_flux_fill_demo(staging, preset=preset)
+        else:
+            builder(staging, preset)
         if target.exists() and not (target / MODEL_INDEX).is_file():
             # Only a crashed copy or a hand-made folder can be here, since complete builds arrive by rename.
             logger.warning("Removing incomplete demo model folder %s (no %s)", target, MODEL_INDEX)

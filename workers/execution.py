@@ -19,7 +19,7 @@ from django.core.files.base import ContentFile
 from django.db import DatabaseError, close_old_connections, connection
 from django.utils import timezone
 
-from editing import imaging, jobstate, warmups
+from editing import catalog, imaging, jobstate, warmups
 from editing.models import CacheOutcome, CacheWarmup, EditJob, JobStatus
 from workers import caching
 from workers.metrics_publisher import publish_metrics
@@ -106,18 +106,24 @@ def read_inputs(job: EditJob) -> tuple[np.ndarray, np.ndarray]:
 PREFETCH_LOOKAHEAD = 4
 
 
+def model_cache_variant(model) -> str:
+    """The cache variant jobs on this loaded model use (EDITOR_CACHE_VARIANT where its family supports it)."""
+    return warmups.cache_variant(catalog.get(model.name) or catalog.default_model())
+
+
 def prefetch_for_waiting_jobs(model, job: EditJob, runner_settings: RunnerSettings) -> None:
     """Start promoting the disk-resident caches of the next queued jobs while this one runs."""
     waiting = (
-        EditJob.objects.filter(status=JobStatus.QUEUED).exclude(pk=job.pk).select_related("template")
-        .order_by("created_at")[:PREFETCH_LOOKAHEAD]
+        EditJob.objects.filter(status=JobStatus.QUEUED, model=job.model).exclude(pk=job.pk)
+        .select_related("template").order_by("created_at")[:PREFETCH_LOOKAHEAD]
     )
+    variant = model_cache_variant(model)
     keys = []
     for other in waiting:
         size = caching.working_size(model, other.template.width, other.template.height, runner_settings)
         keys.append(caching.cache_key(
             model, template_hash=other.template.content_hash, working_size=size, steps=other.steps,
-            seed=other.seed, guidance=other.guidance, variant=settings.EDITOR_CACHE_VARIANT,
+            seed=other.seed, guidance=other.guidance, variant=variant,
             warmup_prompt=caching.WARMUP_PROMPT, max_sequence_length=runner_settings.max_sequence_length,
         ))
     started = caching.prefetch_keys(keys)
@@ -129,7 +135,7 @@ def pending_jobs_like(job: EditJob) -> int:
     """Queued jobs that would use the same cache entry as ``job``."""
     return EditJob.objects.filter(
         template_id=job.template_id, status=JobStatus.QUEUED, seed=job.seed, steps=job.steps,
-        guidance=job.guidance,
+        guidance=job.guidance, model=job.model,
     ).exclude(pk=job.pk).count()
 
 
@@ -234,7 +240,7 @@ def run_claimed_job(job: EditJob, *, worker: str, soft_time_limit_s: float | Non
 
     details = {
         "cache_outcome": decision.outcome,
-        "cache_variant": settings.EDITOR_CACHE_VARIANT if decision.key else "",
+        "cache_variant": decision.key.variant if decision.key else "",
         "cache_key": decision.key.digest() if decision.key else "",
         "flop_fraction": decision.flop_fraction,
     }
@@ -250,7 +256,9 @@ def run_claimed_job(job: EditJob, *, worker: str, soft_time_limit_s: float | Non
         return
     publish_metrics(worker)
     if decision.queue_warmup:
-        warmups.request_warmup(job.template, seed=job.seed, steps=job.steps, guidance=job.guidance)
+        warmups.request_warmup(
+            job.template, seed=job.seed, steps=job.steps, guidance=job.guidance, model=job.model or None
+        )
     logger.info(
         "job %s succeeded on %s (cache %s, %.0f%% of full FLOPs): %s",
         job_id, worker, decision.outcome, decision.flop_fraction * 100,
@@ -296,13 +304,13 @@ def run_job(
     runner_settings = runner_settings or RunnerSettings.from_env()
     start = time.perf_counter()
     image, mask = read_inputs(job)
-    model = get_model()
+    model = get_model(job.model or None)
     timings["load"] = (time.perf_counter() - start) * 1000
 
     start = time.perf_counter()
     template = caching.working_template(model, image, runner_settings)
-    inputs = prepare_working_inputs(image, mask, runner_settings.max_work_pixels, model.pipe.vae_scale_factor * 2)
-    variant = settings.EDITOR_CACHE_VARIANT
+    inputs = prepare_working_inputs(image, mask, runner_settings.max_work_pixels, model.working_multiple)
+    variant = model_cache_variant(model)
     key = caching.job_cache_key(
         model, inputs, template_hash=job.template.content_hash, steps=job.steps, seed=job.seed,
         guidance=job.guidance, variant=variant, settings=runner_settings,
@@ -325,7 +333,7 @@ def run_job(
         timings.update(outcome.timings_ms)
         activations = outcome.activations
         warmups.record_inline_warmup(
-            job.template, seed=job.seed, steps=job.steps, guidance=job.guidance, variant=variant,
+            job.template, seed=job.seed, steps=job.steps, guidance=job.guidance, variant=variant, model=model.name,
             cache_key=key.digest(), cache_bytes=outcome.nbytes, tier=outcome.tier, timings=outcome.timings_ms,
             worker=worker,
         )
@@ -361,7 +369,7 @@ def execute_warmup(warmup_id: int, *, worker: str) -> None:
     try:
         runner_settings = RunnerSettings.from_env()
         image = read_png(warmup.template.image)
-        model = get_model()
+        model = get_model(warmup.model or None)
         template = caching.working_template(model, image, runner_settings)
         key = caching.job_cache_key(
             model, template, template_hash=warmup.template.content_hash, steps=warmup.steps,

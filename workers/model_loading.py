@@ -1,4 +1,4 @@
-"""Loading the Flux Fill pipeline that workers run, once per process."""
+"""Loading the pipelines a worker serves, once per process and model name."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import FluxFillPipeline
 
 from workers.demo_model import ensure_demo_model
+from workers.families import get_family
+from workers.families.base import ModelFamily
 
 logger = logging.getLogger(__name__)
 
@@ -23,33 +25,44 @@ CONFIG_SUFFIXES = frozenset({".json", ".txt", ".model"})
 WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"})
 
 _model_lock = threading.Lock()
-_process_model: LoadedModel | None = None
+_process_models: dict[str, LoadedModel] = {}
 
 
 @dataclass
 class LoadedModel:
-    """A Flux Fill pipeline on its device, with the identity that result caches key on."""
+    """A pipeline on its device, its family adapter and the identity that caches key on."""
 
-    pipe: FluxFillPipeline
+    pipe: Any
     model_id: str
     revision: str
     device: torch.device
     dtype: torch.dtype
-    family: str = "flux"
+    family: ModelFamily = field(default_factory=lambda: get_family("flux"))
+    name: str = "flux"  # the EDITOR_MODELS name jobs use
     # Serialises pipeline calls, because the scheduler keeps per-call state (timesteps, step index).
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
+    @property
+    def token_pixels(self) -> int:
+        return self.family.pixels_per_token(self.pipe)
 
-def load_model(model_ref: str | None, *, var_dir: Path) -> LoadedModel:
-    """Load a Flux Fill pipeline: the built-in demo model, a local folder or a Hugging Face hub id.
+    @property
+    def working_multiple(self) -> int:
+        return self.family.working_multiple(self.pipe)
 
-    `None` or "demo" builds the demo preset under `var_dir/models` on first use. The pipeline runs on CUDA in
-    bfloat16 when a GPU is available, else on the CPU in float32.
+
+def load_model(model_ref: str | None, *, var_dir: Path, family: str = "flux", name: str | None = None) -> LoadedModel:
+    """Load a pipeline of `family`: the built-in demo model, a local folder or a Hugging Face hub id.
+
+    `None` or "demo" builds the family's demo preset under `var_dir/models` on first use. The pipeline runs on
+    CUDA in bfloat16 when a GPU is available, else on the CPU in float32.
     """
+    adapter = get_family(family)
     device, dtype = _pick_device()
     if model_ref is None or model_ref == DEMO_MODEL_REF:
-        folder = ensure_demo_model(Path(var_dir) / "models", DEMO_MODEL_REF)
-        model_id = DEMO_MODEL_REF
+        folder_name = DEMO_MODEL_REF if family == "flux" else f"{family}-{DEMO_MODEL_REF}"
+        folder = ensure_demo_model(Path(var_dir) / "models", DEMO_MODEL_REF, builder=adapter.build_demo, folder_name=folder_name)
+        model_id = DEMO_MODEL_REF if family == "flux" else f"{family}:{DEMO_MODEL_REF}"
         revision = folder_revision(folder)
     elif Path(model_ref).expanduser().is_dir():
         folder = Path(model_ref).expanduser().resolve()
@@ -57,43 +70,43 @@ def load_model(model_ref: str | None, *, var_dir: Path) -> LoadedModel:
         revision = folder_revision(folder)
     else:
         # NOTE: the hub branch has not run in tests, because tests have no network access.
-        folder = Path(FluxFillPipeline.download(model_ref))
+        folder = Path(adapter.pipeline_class.download(model_ref))
         model_id = model_ref
         revision = _hub_revision(folder)
 
-    logger.info("Loading Flux Fill model %s (revision %s) from %s on %s as %s", model_id, revision, folder, device, dtype)
-    pipe = FluxFillPipeline.from_pretrained(folder, dtype=dtype)
-    pipe.to(device)
-    if device.type == "cpu":
-        # The VAE's convolutions run about twice as fast in channels-last layout on CPU, as measured with
-        # bench.mask_latency on 2 cores. The values are the same up to float rounding.
-        pipe.vae.to(memory_format=torch.channels_last)
-    pipe.set_progress_bar_config(disable=True)
-    return LoadedModel(pipe=pipe, model_id=model_id, revision=revision, device=device, dtype=dtype)
+    logger.info("Loading %s model %s (revision %s) from %s on %s as %s", family, model_id, revision, folder, device, dtype)
+    pipe = adapter.load(folder, dtype=dtype, device=device)
+    return LoadedModel(
+        pipe=pipe, model_id=model_id, revision=revision, device=device, dtype=dtype, family=adapter,
+        name=name or family,
+    )
 
 
-def get_model() -> LoadedModel:
-    """Return this process's model, loading it on first call from `EDITOR_MODEL` (default "demo").
+def get_model(name: str | None = None) -> LoadedModel:
+    """Return this process's model called `name` (an EDITOR_MODELS entry; default the first), loading it once.
 
-    Thread-safe: concurrent first calls load the model once. `EDITOR_VAR_DIR` sets where the demo model
-    is built (default `var/` in the repository).
+    Thread-safe: concurrent first calls load the model once. `EDITOR_VAR_DIR` sets where demo models are
+    built (default `var/` in the repository).
     """
-    global _process_model
-    if _process_model is not None:
-        return _process_model
+    from editing import catalog
+
+    spec = catalog.get(name) if name else catalog.default_model()
+    if spec is None:
+        raise ValueError(f"Model {name!r} is not in EDITOR_MODELS ({catalog.names()}); it cannot run here.")
+    loaded = _process_models.get(spec.name)
+    if loaded is not None:
+        return loaded
     with _model_lock:
-        if _process_model is None:
-            model_ref = os.environ.get("EDITOR_MODEL") or DEMO_MODEL_REF
+        if spec.name not in _process_models:
             var_dir = Path(os.environ.get("EDITOR_VAR_DIR") or DEFAULT_VAR_DIR)
-            _process_model = load_model(model_ref, var_dir=var_dir)
-    return _process_model
+            _process_models[spec.name] = load_model(spec.ref, var_dir=var_dir, family=spec.family, name=spec.name)
+    return _process_models[spec.name]
 
 
 def reset_process_model() -> None:
-    """Forget the process-wide model so the next `get_model()` loads again (for tests and reloads)."""
-    global _process_model
+    """Forget the process-wide models so the next `get_model()` loads again (for tests and reloads)."""
     with _model_lock:
-        _process_model = None
+        _process_models.clear()
 
 
 def folder_revision(folder: Path) -> str:

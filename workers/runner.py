@@ -1,21 +1,20 @@
-"""Stock Flux Fill edit: full computation over the whole image, then compositing outside the mask."""
+"""One edit on a worker: working-size inputs, the family's stock or masked computation, then compositing."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from editing.imaging import composite, crop_to, dilate, feather_alpha, fit_working_size, pad_to_multiple
 from workers.masked.activations import BlockCacheSource, TemplateActivations
-from workers.masked.edit import run_cached_edit
 from workers.model_loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -96,10 +95,10 @@ def run_edit(
     block_source: BlockCacheSource | None = None,
     full_prefix_blocks: int = 0,
 ) -> EditResult:
-    """Regenerate the masked region of `request.image` with the full Flux Fill pipeline.
+    """Regenerate the masked region of `request.image` with the model's stock pipeline.
 
     The image is downscaled when its padded size exceeds `settings.max_work_pixels`, padded bottom/right to
-    the pipeline's multiple (16 for Flux), denoised, cropped and upscaled back to the input size. Outside
+    the family's working multiple (16 for Flux), denoised, cropped and upscaled back to the input size. Outside
     `dilate(mask, dilate_px + feather_px)` every output pixel is a bit-identical copy of the input.
     With `activations` (a warm-up of this template at the same working size, seed, steps and guidance)
     only the masked tokens are computed and the rest is read from the cache: from `block_source` when
@@ -113,25 +112,21 @@ def run_edit(
     height, width = request.mask.shape
 
     start = time.perf_counter()
-    multiple = model.pipe.vae_scale_factor * 2
-    inputs = prepare_working_inputs(request.image, request.mask, settings.max_work_pixels, multiple)
+    inputs = prepare_working_inputs(request.image, request.mask, settings.max_work_pixels, model.working_multiple)
     timings["preprocess"] = _elapsed_ms(start)
 
-    with model.lock:
+    with model.lock, timed_decode(model.pipe) as decode_ms:
+        start = time.perf_counter()
         if activations is None:
-            start = time.perf_counter()
-            latents = _denoise(model, request, inputs, settings, on_step)
-            timings["denoise"] = _elapsed_ms(start)
-
-            start = time.perf_counter()
-            generated = _decode(model, latents, inputs.padded)
-            timings["decode"] = _elapsed_ms(start)
-        else:
-            start = time.perf_counter()
-            generated = _denoise_and_decode_masked(
-                model, request, inputs, settings, activations, on_step, block_source, full_prefix_blocks
+            generated = model.family.stock_edit(
+                model.pipe, inputs.image, inputs.mask, request.prompt, seed=request.seed, steps=request.steps,
+                guidance_scale=request.guidance, max_sequence_length=settings.max_sequence_length, on_step=on_step,
             )
-            timings["denoise"] = _elapsed_ms(start)
+        else:
+            generated = _masked(model, request, inputs, settings, activations, on_step, block_source, full_prefix_blocks)
+        total_ms = _elapsed_ms(start)
+    timings["denoise"] = total_ms - decode_ms[0]
+    timings["decode"] = decode_ms[0]
 
     start = time.perf_counter()
     generated = crop_to(generated, inputs.resized[1], inputs.resized[0])
@@ -187,40 +182,7 @@ def prepare_working_inputs(image: np.ndarray, mask: np.ndarray, max_work_pixels:
     )
 
 
-def _denoise(
-    model: LoadedModel,
-    request: EditRequest,
-    inputs: WorkingInputs,
-    settings: RunnerSettings,
-    on_step: StepCallback | None,
-) -> torch.Tensor:
-    """Run prompt encoding, masked-image encoding and all denoising steps; return packed latents (1, L, 64)."""
-
-    def step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        if on_step is not None:
-            on_step(step + 1, pipe.num_timesteps)
-        return callback_kwargs
-
-    # Seeding a CPU generator gives the same noise on every device for the same seed.
-    generator = torch.Generator(device="cpu").manual_seed(request.seed)
-    with torch.inference_mode():
-        output = model.pipe(
-            prompt=request.prompt,
-            image=inputs.image,
-            mask_image=inputs.mask,
-            width=inputs.padded[0],
-            height=inputs.padded[1],
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance,
-            generator=generator,
-            max_sequence_length=settings.max_sequence_length,
-            output_type="latent",
-            callback_on_step_end=step_end,
-        )
-    return output.images
-
-
-def _denoise_and_decode_masked(
+def _masked(
     model: LoadedModel,
     request: EditRequest,
     inputs: WorkingInputs,
@@ -231,7 +193,11 @@ def _denoise_and_decode_masked(
     full_prefix_blocks: int,
 ) -> np.ndarray:
     """Denoise only the masked tokens over the cached template activations; return the decoded padded image."""
-    cached = run_cached_edit(
+    streaming = {}
+    if block_source is not None or full_prefix_blocks:
+        # Only families that stream disk entries under a load plan take these.
+        streaming = {"block_source": block_source, "full_prefix_blocks": full_prefix_blocks}
+    output = model.family.masked_edit(
         model.pipe,
         activations,
         np.asarray(inputs.image),
@@ -242,24 +208,31 @@ def _denoise_and_decode_masked(
         guidance_scale=request.guidance,
         max_sequence_length=settings.max_sequence_length,
         dilation=settings.dilation_tokens,
-        feather_px=0,
-        full_prefix_blocks=full_prefix_blocks,
-        block_source=block_source,
         on_step=on_step,
+        **streaming,
     )
-    return cached.generated
+    return output.generated
 
 
-def _decode(model: LoadedModel, latents: torch.Tensor, padded: tuple[int, int]) -> np.ndarray:
-    """Decode packed latents to an (H, W, 3) uint8 image at the padded working size."""
-    pipe = model.pipe
-    width, height = padded
-    with torch.inference_mode():
-        unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-        unpacked = unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        decoded = pipe.vae.decode(unpacked.to(pipe.vae.dtype), return_dict=False)[0]
-        pixels = pipe.image_processor.postprocess(decoded, output_type="np")[0]
-    return np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+@contextmanager
+def timed_decode(pipe: Any) -> Iterator[list[float]]:
+    """Measure the milliseconds spent in `pipe.vae.decode` inside the block (every family decodes through it)."""
+    spent = [0.0]
+    vae = pipe.vae
+    original = vae.decode
+
+    def decode(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent[0] += _elapsed_ms(start)
+
+    vae.decode = decode
+    try:
+        yield spent
+    finally:
+        del vae.decode  # the instance attribute hid the class method; removing it restores the original
 
 
 def _elapsed_ms(start: float) -> float:

@@ -6,6 +6,8 @@ import logging
 
 from celery import shared_task
 
+from workers import heartbeat  # noqa: F401 - connects the heartbeat to the worker signals
+
 logger = logging.getLogger(__name__)
 
 # A job whose database connection failed is re-sent after this delay, at most this many times.

@@ -12,7 +12,7 @@ from django.utils.translation import gettext as _
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from editing import imaging, services
+from editing import catalog, fleet, imaging, services
 from editing.api.fields import BoundedFloatField, BoundedIntegerField, echo
 from editing.models import CacheWarmup, EditJob, Template
 
@@ -58,11 +58,49 @@ def decode_template(upload: UploadedFile) -> np.ndarray:
     return pixels
 
 
+def validate_model_name(value: str) -> str:
+    """Check that a job, template or warm-up names a served model that a live worker runs."""
+    name = (value or "").strip()
+    if not name:
+        return ""
+    if catalog.get(name) is None:
+        raise serializers.ValidationError(
+            _("model '%(value)s' is not served here; use one of: %(names)s (GET /api/models/ lists them).")
+            % {"value": echo(name), "names": ", ".join(catalog.names())}
+        )
+    if fleet.unserved(name):
+        raise serializers.ValidationError(
+            _("No running worker serves model '%(value)s'; start a worker with it in EDITOR_WORKER_MODELS or pick "
+              "another model.") % {"value": name}
+        )
+    return name
+
+
+class ModelField(serializers.CharField):
+    """Optional name of a served model (GET /api/models/); empty takes the template's or the default model."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(required=False, allow_blank=True, max_length=64, validators=[], **kwargs)
+
+    def to_internal_value(self, data) -> str:
+        return validate_model_name(super().to_internal_value(data))
+
+
+class ModelInfoSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    family = serializers.CharField()
+    family_label = serializers.CharField()
+    native_resolution = serializers.IntegerField()
+    pixels_per_token = serializers.IntegerField()
+    default = serializers.BooleanField()
+    served_by_live_worker = serializers.BooleanField(allow_null=True)
+
+
 class WarmupSerializer(serializers.ModelSerializer):
     class Meta:
         model = CacheWarmup
         fields = [
-            "id", "template", "status", "progress", "seed", "steps", "guidance", "variant", "cache_key",
+            "id", "template", "model", "status", "progress", "seed", "steps", "guidance", "variant", "cache_key",
             "cache_bytes", "cache_tier", "worker", "timings", "error", "created_at", "finished_at",
         ]
         read_only_fields = fields
@@ -72,6 +110,7 @@ class WarmupRequestSerializer(serializers.Serializer):
     seed = BoundedIntegerField(minimum=0, maximum=MAX_SEED, example=42, required=False)
     steps = BoundedIntegerField(minimum=1, maximum=100, example=20, required=False)
     guidance = BoundedFloatField(minimum=0.0, maximum=MAX_GUIDANCE, example=30.0, required=False)
+    model = ModelField()
 
 
 class TemplateSerializer(serializers.ModelSerializer):
@@ -80,7 +119,9 @@ class TemplateSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Template
-        fields = ["id", "name", "width", "height", "content_hash", "use_count", "image_url", "cache", "created_at"]
+        fields = [
+            "id", "name", "model", "width", "height", "content_hash", "use_count", "image_url", "cache", "created_at",
+        ]
         read_only_fields = fields
 
     @extend_schema_field(WarmupSerializer(allow_null=True))
@@ -97,6 +138,7 @@ class TemplateSerializer(serializers.ModelSerializer):
 class TemplateCreateSerializer(serializers.Serializer):
     image = serializers.FileField(help_text="Photo or banner: PNG, JPEG, WebP, TIFF, BMP or GIF.")
     name = serializers.CharField(max_length=200, required=False, allow_blank=True)
+    model = ModelField()
 
     def validate(self, attrs: dict) -> dict:
         attrs["pixels"] = decode_template(attrs["image"])
@@ -118,7 +160,7 @@ class JobSerializer(serializers.ModelSerializer):
     class Meta:
         model = EditJob
         fields = [
-            "id", "template", "prompt", "seed", "steps", "guidance", "status", "progress",
+            "id", "template", "model", "prompt", "seed", "steps", "guidance", "status", "progress",
             "queue_position", "mask_ratio", "bucket", "queue", "cache_used", "cache_outcome",
             "cache_variant", "flop_fraction", "timings", "result_url", "error",
             "cancel_requested", "attempts", "created_at", "started_at", "finished_at",
@@ -145,6 +187,7 @@ class JobCreateSerializer(serializers.Serializer):
     seed = BoundedIntegerField(minimum=0, maximum=MAX_SEED, example=42, required=False)
     steps = BoundedIntegerField(minimum=1, maximum=100, example=20, required=False)
     guidance = BoundedFloatField(minimum=0.0, maximum=MAX_GUIDANCE, example=30.0, required=False)
+    model = ModelField()
 
     def validate_template(self, value: str) -> Template:
         owner = self.context["request"].user

@@ -17,10 +17,11 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.throttling import UserRateThrottle
 
-from editing import services, warmups
+from editing import catalog, fleet, services, warmups
 from editing.api.serializers import (
     JobCreateSerializer,
     JobSerializer,
+    ModelInfoSerializer,
     TemplateCreateSerializer,
     TemplateSerializer,
     WarmupRequestSerializer,
@@ -71,7 +72,8 @@ class TemplateViewSet(
         serializer = TemplateCreateSerializer(data=request.data, context={"request": request})
         serializer.is_valid(raise_exception=True)
         template = services.create_template(
-            owner=request.user, name=serializer.validated_data["name"], image=serializer.validated_data["pixels"]
+            owner=request.user, name=serializer.validated_data["name"], image=serializer.validated_data["pixels"],
+            model=serializer.validated_data.get("model", ""),
         )
         return Response(TemplateSerializer(template).data, status=status.HTTP_201_CREATED)
 
@@ -111,6 +113,29 @@ class TemplateViewSet(
         return file_response(template.image, filename=f"template-{template.pk}.png")
 
 
+class ModelViewSet(viewsets.ViewSet):
+    """The models this deployment serves; jobs and templates name one of them."""
+
+    @extend_schema(responses={200: ModelInfoSerializer(many=True)})
+    def list(self, request: Request) -> Response:
+        workers = fleet.live_workers()
+        default = catalog.default_model().name
+        rows = [
+            {
+                "name": spec.name,
+                "family": spec.family,
+                "family_label": spec.facts.label,
+                "native_resolution": catalog.native_resolution(spec),
+                "pixels_per_token": spec.facts.pixels_per_token,
+                "default": spec.name == default,
+                # None when no worker is live (or Redis is unreachable), so nothing is known.
+                "served_by_live_worker": any(spec.name in w.models for w in workers) if workers else None,
+            }
+            for spec in catalog.models()
+        ]
+        return Response(ModelInfoSerializer(rows, many=True).data)
+
+
 class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     serializer_class = JobSerializer
     parser_classes = [MultiPartParser, FormParser, JSONParser]
@@ -146,6 +171,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             seed=data["seed"],
             steps=data["steps"],
             guidance=data["guidance"],
+            model=data.get("model") or None,
         )
         return Response(JobSerializer(job).data, status=status.HTTP_201_CREATED)
 

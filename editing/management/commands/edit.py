@@ -9,7 +9,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from editing import imaging, services
+from editing import catalog, imaging, services
 from editing.models import EditJob, JobStatus, Template
 from editor_site.celery import app as celery_app
 
@@ -35,6 +35,7 @@ class Command(BaseCommand):
         parser.add_argument("--seed", type=int, default=settings.EDITOR_DEFAULT_SEED, help="Random seed.")
         parser.add_argument("--guidance", type=float, default=30.0, help="Guidance scale.")
         parser.add_argument("--user", default="demo", help="Owner of the template and job (default: demo).")
+        parser.add_argument("--model", default="", help="Served model name (default: the first in EDITOR_MODELS).")
 
     def handle(self, *args, **options) -> None:
         if not 1 <= options["steps"] <= settings.EDITOR_MAX_STEPS:
@@ -48,11 +49,14 @@ class Command(BaseCommand):
         owner = get_user_model().objects.filter(username=options["user"]).first()
         if owner is None:
             raise CommandError(f"User '{options['user']}' does not exist; run 'make run' once or pass --user.")
+        model = catalog.get(options["model"]) if options["model"] else catalog.default_model()
+        if model is None:
+            raise CommandError(f"--model {options['model']!r} is not served; use one of {catalog.names()}.")
         image, mask = self.read_inputs(options["image"], options["mask"])
 
         if not celery_app.conf.broker_url:
             raise CommandError("No Redis broker is configured: start the stack with 'make run' or set REDIS_URL.")
-        job_queue = services.bucket_for_mask(mask).queue
+        job_queue = services.queue_for_mask(mask, model)
         try:
             queues = live_queues()
         except OSError as error:
@@ -65,7 +69,7 @@ class Command(BaseCommand):
         template = self.find_or_create_template(owner, options["image"].stem, image)
         job = services.submit_job(
             owner=owner, template=template, mask=mask, prompt=prompt,
-            seed=options["seed"], steps=options["steps"], guidance=options["guidance"],
+            seed=options["seed"], steps=options["steps"], guidance=options["guidance"], model=model.name,
         )
         self.stdout.write(f"Job {job.pk} queued on {job.queue_name} (mask ratio {job.mask_ratio:.3f}).")
         job = self.wait(job)

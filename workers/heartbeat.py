@@ -1,0 +1,73 @@
+"""A worker's heartbeat in Redis: which models it serves and on which queues, refreshed every few seconds.
+
+The web side reads these records to reject jobs for models that no live worker serves. A record expires
+a few seconds after its worker stops refreshing it, so a killed worker drops out without cleanup.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+
+import redis
+from celery.signals import worker_ready, worker_shutdown
+from django.conf import settings
+
+from editing.routing import all_queues
+from editor_site import redis_keys
+
+logger = logging.getLogger(__name__)
+
+INTERVAL_S = 3.0
+# Several missed refreshes in a row before the record expires; a busy Redis may delay one.
+TTL_S = 10
+
+_stop = threading.Event()
+_thread: threading.Thread | None = None
+
+
+def state(hostname: str) -> dict[str, object]:
+    return {
+        "hostname": hostname,
+        "models": list(settings.EDITOR_WORKER_MODELS),
+        "queues": all_queues(),
+        "pid": os.getpid(),
+        "at": time.time(),
+    }
+
+
+def publish(hostname: str) -> None:
+    redis_keys.client().set(redis_keys.worker_state_key(hostname), json.dumps(state(hostname)), ex=TTL_S)
+
+
+def _beat(hostname: str) -> None:
+    while not _stop.is_set():
+        try:
+            publish(hostname)
+        except (redis.RedisError, ValueError):
+            logger.warning("could not publish the heartbeat of %s", hostname, exc_info=True)
+        _stop.wait(INTERVAL_S)
+
+
+@worker_ready.connect
+def start_heartbeat(sender=None, **_kwargs) -> None:
+    global _thread
+    hostname = getattr(sender, "hostname", None) or f"worker@{os.uname().nodename}"
+    _stop.clear()
+    _thread = threading.Thread(target=_beat, args=(hostname,), name="editor-heartbeat", daemon=True)
+    _thread.start()
+    logger.info("heartbeat of %s started: models %s", hostname, settings.EDITOR_WORKER_MODELS)
+
+
+@worker_shutdown.connect
+def stop_heartbeat(sender=None, **_kwargs) -> None:
+    _stop.set()
+    hostname = getattr(sender, "hostname", None)
+    if hostname:
+        try:
+            redis_keys.client().delete(redis_keys.worker_state_key(hostname))
+        except (redis.RedisError, ValueError):
+            logger.warning("could not remove the heartbeat of %s", hostname, exc_info=True)

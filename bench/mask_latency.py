@@ -1,7 +1,8 @@
-"""Per-request latency of cached masked Flux Fill edits against the stock pipeline, by mask ratio.
+"""Per-request latency of cached masked edits against each family's stock diffusers pipeline, by mask ratio.
 
-Run `python -m bench.mask_latency` (full run, writes docs/benchmarks/mask_latency.{json,md,png}) or
-`python -m bench.mask_latency --quick` (small model, under a minute, writes under var/bench/).
+Run `python -m bench.mask_latency` (every family, writes docs/benchmarks/mask_latency.{json,md,png}),
+`python -m bench.mask_latency --family sd3` (one family; its rows replace that family's rows in the JSON) or
+`python -m bench.mask_latency --quick` (Flux test model, under a minute, writes under var/bench/).
 A request is timed from the uint8 template and mask to PNG bytes of the composited result. Warm-up
 (cache building) is excluded from request latency and reported separately.
 """
@@ -32,6 +33,8 @@ from PIL import Image
 
 from editing.imaging import composite, encode_png, feather_alpha, token_mask
 from workers.demo_model import ensure_demo_model
+from workers.families import FAMILY_CLASSES, get_family
+from workers.families.base import ModelFamily
 from workers.masked.activations import TemplateActivations
 from workers.masked.edit import mask_to_pil, run_cached_edit
 from workers.masked.flops import TransformerShape, flop_speedup_limit, transformer_flops
@@ -62,6 +65,7 @@ class BenchConfig:
     text_lengths: tuple[int, ...]
     repeats: int
     out_dir: Path
+    quick: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class Row:
 
 def full_config(quick: bool) -> BenchConfig:
     if quick:
-        return BenchConfig("test", 2, (0.11, 1.0), (128,), 1, REPO_ROOT / "var" / "bench")
+        return BenchConfig("test", 2, (0.11, 1.0), (128,), 1, REPO_ROOT / "var" / "bench", quick=True)
     return BenchConfig(
         "bench", 8, (0.05, 0.11, 0.19, 0.35, 0.5, 1.0), (128, 512), 3, REPO_ROOT / "docs" / "benchmarks"
     )
@@ -267,6 +271,132 @@ def measure_row(
     return row
 
 
+# Text tokens each family's attention sees per row. Flux: T5 tokens at the short-prompt and default lengths.
+# SD3: 77 CLIP tokens plus T5 tokens, so 128 in all (51 T5) and the pipeline default (77 + 256).
+# UNet families cross-attend to 77 CLIP tokens.
+FAMILY_TEXT_LENGTHS: dict[str, tuple[int, ...]] = {"sd3": (128, 333), "sdxl": (77,), "sd2": (77,)}
+SD3_CLIP_TOKENS = 77
+
+
+def family_sequence_length(family: str, text_tokens: int) -> int:
+    """The pipeline's max_sequence_length argument that gives `text_tokens` attention text tokens."""
+    return text_tokens - SD3_CLIP_TOKENS if family == "sd3" else text_tokens
+
+
+def family_stock_request(adapter: ModelFamily, pipe, image: np.ndarray, mask: np.ndarray, length: int, steps: int) -> tuple[bytes, np.ndarray]:
+    """The family's stock pipeline call, composited outside the feathered mask, as PNG; also the raw output."""
+    generated = adapter.stock_edit(
+        pipe, Image.fromarray(image), mask_to_pil(mask), EDIT_PROMPT, seed=SEED, steps=steps,
+        guidance_scale=FAMILY_GUIDANCE[adapter.name], max_sequence_length=length,
+    )
+    return encode_png(composite(image, generated, feather_alpha(mask, FEATHER_PX))), generated
+
+
+def family_worker_request(
+    adapter: ModelFamily, pipe, activations: TemplateActivations, image: np.ndarray, mask: np.ndarray, length: int,
+    steps: int, stock_route: bool,
+) -> tuple[bytes, np.ndarray]:
+    """The worker's path: masked computation over the cache, or the stock route for large masks."""
+    if stock_route:
+        return family_stock_request(adapter, pipe, image, mask, length, steps)
+    output = adapter.masked_edit(
+        pipe, activations, image, mask, EDIT_PROMPT, seed=SEED, steps=steps,
+        guidance_scale=FAMILY_GUIDANCE[adapter.name], max_sequence_length=length, dilation=DILATION_TOKENS,
+    )
+    return encode_png(composite(image, output.generated, feather_alpha(mask, FEATHER_PX))), output.generated
+
+
+# Guidance as each family's pipelines use it: Flux Fill's distilled guidance, classifier-free guidance elsewhere.
+FAMILY_GUIDANCE = {"flux": GUIDANCE, "sd3": 7.0, "sdxl": 7.5, "sd2": 7.5}
+
+
+def measure_family_row(
+    adapter: ModelFamily, pipe, activations: TemplateActivations, image: np.ndarray, target_ratio: float,
+    text_tokens: int, config: BenchConfig,
+) -> Row:
+    patch = adapter.pixels_per_token(pipe)
+    mask = brush_mask(target_ratio, patch=patch)
+    tokens = token_mask(mask, patch=patch, dilation=DILATION_TOKENS)
+    length = family_sequence_length(adapter.name, text_tokens)
+    fraction = adapter.flop_fraction(
+        pipe, height=SIZE, width=SIZE, token_mask=tokens, text_tokens=text_tokens, variant=activations.metadata.variant
+    )
+    stock_route = fraction >= STOCK_ROUTE_FLOP_FRACTION
+    baseline_times: list[tuple[float, float]] = []
+    cached_times: list[tuple[float, float]] = []
+    ratios: list[float] = []
+    outputs: dict[str, np.ndarray] = {}
+
+    def keep(name: str, call: Callable[[], tuple[bytes, np.ndarray]]) -> Callable[[], None]:
+        return lambda: outputs.__setitem__(name, call()[1])
+
+    run_baseline = keep("stock", lambda: family_stock_request(adapter, pipe, image, mask, length, config.steps))
+    run_cached = keep(
+        "cached",
+        lambda: family_worker_request(adapter, pipe, activations, image, mask, length, config.steps, stock_route),
+    )
+    for repeat in range(config.repeats):
+        if repeat % 2 == 0:
+            baseline_time, cached_time = timed(run_baseline), timed(run_cached)
+        else:
+            cached_time, baseline_time = timed(run_cached), timed(run_baseline)
+        baseline_times.append(baseline_time)
+        cached_times.append(cached_time)
+        ratios.append(baseline_time[0] / cached_time[0])
+
+    rel_diff = 0.0
+    if not stock_route:
+        # Pixel space: the families' latent layouts differ, the decoded images do not.
+        region = mask.astype(bool)
+        stock = outputs["stock"].astype(np.float64)[region]
+        cached = outputs["cached"].astype(np.float64)[region]
+        rel_diff = float(np.linalg.norm(cached - stock) / max(np.linalg.norm(stock), 1e-12))
+    row = Row(
+        family=adapter.name,
+        text_tokens=text_tokens,
+        mask_ratio=round(float(tokens.mean()), 4),
+        target_ratio=target_ratio,
+        baseline_s=round(statistics.median(wall for wall, _ in baseline_times), 4),
+        cached_s=round(statistics.median(wall for wall, _ in cached_times), 4),
+        speedup=round(statistics.median(ratios), 3),
+        baseline_cpu_s=round(statistics.median(cpu for _, cpu in baseline_times), 4),
+        cached_cpu_s=round(statistics.median(cpu for _, cpu in cached_times), 4),
+        flop_speedup_limit=round(1.0 if stock_route else 1.0 / fraction, 3),
+        masked_rel_diff=round(rel_diff, 5),
+        path="stock" if stock_route else "cached",
+    )
+    logger.info("%s", row)
+    return row
+
+
+def run_family(name: str, config: BenchConfig) -> tuple[list[Row], dict[str, object]]:
+    """Benchmark a non-Flux family on its own demo model built at the config's preset."""
+    adapter = get_family(name)
+    folder = ensure_demo_model(
+        REPO_ROOT / "var" / "models", config.preset, builder=adapter.build_demo, folder_name=f"{name}-{config.preset}"
+    )
+    pipe = adapter.load(folder, dtype=torch.float32, device=torch.device("cpu"))
+    image = load_template()
+    rows: list[Row] = []
+    warmups: dict[str, float] = {}
+    cache_mib = 0.0
+    for text_tokens in FAMILY_TEXT_LENGTHS[name] if not config.quick else FAMILY_TEXT_LENGTHS[name][:1]:
+        length = family_sequence_length(name, text_tokens)
+        start = time.perf_counter()
+        activations = adapter.warm_up(
+            pipe, image, seed=SEED, steps=config.steps, guidance_scale=FAMILY_GUIDANCE[name],
+            variant=adapter.variants[0], prompt=WARMUP_PROMPT, max_sequence_length=length,
+        )
+        warmups[str(text_tokens)] = round(time.perf_counter() - start, 3)
+        cache_mib = round(activations.nbytes / 2**20, 1)
+        first_mask = brush_mask(config.ratios[0], patch=adapter.pixels_per_token(pipe))
+        family_stock_request(adapter, pipe, image, first_mask, length, config.steps)
+        family_worker_request(adapter, pipe, activations, image, first_mask, length, config.steps, stock_route=False)
+        for target_ratio in config.ratios:
+            rows.append(measure_family_row(adapter, pipe, activations, image, target_ratio, text_tokens, config))
+    return rows, {"warmup_s": warmups, "cache_mib": cache_mib, "pipeline": type(pipe).__name__}
+
+
 def run(config: BenchConfig) -> tuple[list[Row], dict[str, object]]:
     model_dir = ensure_demo_model(REPO_ROOT / "var" / "models", config.preset)
     pipe = FluxFillPipeline.from_pretrained(model_dir)
@@ -311,21 +441,33 @@ def run(config: BenchConfig) -> tuple[list[Row], dict[str, object]]:
         "load_average_at_end": os.getloadavg()[0],
         "warmup_s": warmups,
         "cache_mib": round(activations.nbytes / 2**20, 1),
+        "pipeline": type(pipe).__name__,
     }
     return rows, environment
 
 
+FAMILY_TITLES = {
+    "flux": "Flux Fill vs FluxFillPipeline",
+    "sd3": "Stable Diffusion 3 vs StableDiffusion3InpaintPipeline",
+    "sdxl": "SDXL inpainting vs StableDiffusionXLInpaintPipeline",
+    "sd2": "Stable Diffusion 2 inpainting vs StableDiffusionInpaintPipeline",
+}
+
+
 def write_markdown(rows: list[Row], environment: dict[str, object], path: Path) -> None:
     lines = [
-        "# Mask latency: cached masked Flux Fill vs stock FluxFillPipeline",
+        "# Mask latency: cached masked edits vs each family's stock diffusers pipeline",
         "",
-        "Generated by `python -m bench.mask_latency`. One request is timed from the uint8 template and mask to",
-        "the PNG bytes of the composited result, for both paths, on the same components, seed and resolution.",
+        "Generated by `python -m bench.mask_latency` (`--family NAME` reruns one family and keeps the other",
+        "families' rows). One request is timed from the uint8 template and mask to the PNG bytes of the",
+        "composited result, for both paths, on the same components, seed and resolution, in the same run.",
         "Times are medians of back-to-back repeats, and `speedup` is the median of per-repeat wall-clock ratios.",
         "CPU columns are the CPU seconds of the benchmark process, which other processes on the machine do not",
-        "inflate as much as wall-clock time. `flop_speedup_limit` is transformer FLOPs full / masked",
-        "(workers/masked/flops.py). `masked_rel_diff` is the relative L2 difference of final latents on the",
-        "masked tokens between the cached path and the full computation, with a prompt other than the warm-up's.",
+        "inflate as much as wall-clock time. `flop_speedup_limit` is denoiser FLOPs full / masked: transformer",
+        "FLOPs for Flux and SD3, whole-UNet FLOPs (convolutions included) for SDXL and SD 2, whose convolutions,",
+        "resnets and samplers run on every token, so they gain less. `masked_rel_diff` is the relative L2",
+        "difference between the cached path and the full computation in the masked region, with a prompt other",
+        "than the warm-up's: on final latents for Flux, on decoded pixels for the other families.",
         "Rows with `path = stock` were routed to the stock computation because the masked pass would need at",
         "least 90% of the full FLOPs. There both sides run the same stock code, so their deviation from 1.0 shows",
         "the measurement noise of the run (`load_average_at_end` is the 1-minute load average when it ended).",
@@ -334,21 +476,24 @@ def write_markdown(rows: list[Row], environment: dict[str, object], path: Path) 
         "|---|---|",
     ]
     lines += [f"| {key} | {value} |" for key, value in environment.items()]
-    lines += [
-        "",
-        "| text_tokens | mask_ratio | baseline_s | cached_s | speedup | flop_speedup_limit | speedup / limit "
-        "| baseline_cpu_s | cached_cpu_s | cpu speedup | masked_rel_diff | path |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row.text_tokens} | {row.mask_ratio:.3f} | {row.baseline_s:.3f} | {row.cached_s:.3f} | "
-            f"{row.speedup:.2f} | {row.flop_speedup_limit:.2f} | {row.speedup / row.flop_speedup_limit:.0%} | "
-            f"{row.baseline_cpu_s:.3f} | {row.cached_cpu_s:.3f} | {row.baseline_cpu_s / row.cached_cpu_s:.2f} | "
-            f"{row.masked_rel_diff:.4f} | {row.path} |"
-        )
-    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
-    for description, measured, met in target_checks(rows):
+    for family in [name for name in FAMILY_CLASSES if any(row.family == name for row in rows)]:
+        lines += [
+            "",
+            f"## {FAMILY_TITLES[family]}",
+            "",
+            "| text_tokens | mask_ratio | baseline_s | cached_s | speedup | flop_speedup_limit | speedup / limit "
+            "| baseline_cpu_s | cached_cpu_s | cpu speedup | masked_rel_diff | path |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in (row for row in rows if row.family == family):
+            lines.append(
+                f"| {row.text_tokens} | {row.mask_ratio:.3f} | {row.baseline_s:.3f} | {row.cached_s:.3f} | "
+                f"{row.speedup:.2f} | {row.flop_speedup_limit:.2f} | {row.speedup / row.flop_speedup_limit:.0%} | "
+                f"{row.baseline_cpu_s:.3f} | {row.cached_cpu_s:.3f} | {row.baseline_cpu_s / row.cached_cpu_s:.2f} | "
+                f"{row.masked_rel_diff:.4f} | {row.path} |"
+            )
+    lines += ["", "## Targets (Flux Fill)", "", "| target | measured | met |", "|---|---|---|"]
+    for description, measured, met in target_checks([row for row in rows if row.family == "flux"]):
         lines.append(f"| {description} | {measured} | {'yes' if met else 'no'} |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -381,31 +526,33 @@ def write_plot(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for text_tokens in sorted({row.text_tokens for row in rows}):
-        selected = [row for row in rows if row.text_tokens == text_tokens]
-        ratios = [row.mask_ratio for row in selected]
-        (line,) = axis.plot(ratios, [row.speedup for row in selected], marker="o", label=f"measured, {text_tokens} text tokens")
-        axis.plot(
-            ratios,
-            [row.flop_speedup_limit for row in selected],
-            linestyle="--",
-            color=line.get_color(),
-            label=f"FLOP limit, {text_tokens} text tokens",
-        )
-    axis.axhline(1.0, color="grey", linewidth=0.8)
-    axis.set_xlabel("mask ratio (fraction of image tokens recomputed)")
-    axis.set_ylabel("speedup over stock pipeline (x)")
-    axis.set_title("Cached masked Flux Fill: request speedup vs mask ratio")
-    axis.legend()
+    families = [name for name in FAMILY_CLASSES if any(row.family == name for row in rows)]
+    figure, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4.5), squeeze=False)
+    for axis, family in zip(axes[0], families):
+        for text_tokens in sorted({row.text_tokens for row in rows if row.family == family}):
+            selected = [row for row in rows if row.family == family and row.text_tokens == text_tokens]
+            ratios = [row.mask_ratio for row in selected]
+            (line,) = axis.plot(ratios, [row.speedup for row in selected], marker="o", label=f"measured, {text_tokens} text")
+            axis.plot(
+                ratios, [row.flop_speedup_limit for row in selected], linestyle="--", color=line.get_color(),
+                label=f"FLOP limit, {text_tokens} text",
+            )
+        axis.axhline(1.0, color="grey", linewidth=0.8)
+        axis.set_xlabel("mask ratio (fraction of image tokens recomputed)")
+        axis.set_ylabel("speedup over stock pipeline (x)")
+        axis.set_title(family)
+        axis.legend(fontsize=8)
+    figure.suptitle("Cached masked edits: request speedup vs mask ratio")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, 2 steps, 2 ratios; writes under var/bench/")
+    parser.add_argument("--family", choices=[*FAMILY_CLASSES, "all"], default=None,
+                        help="family to run (default: all, or flux with --quick)")
     parser.add_argument("--out-dir", type=Path, default=None, help="folder for mask_latency.{json,md,png}")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 3, quick 1)")
     args = parser.parse_args()
@@ -414,19 +561,33 @@ def main() -> None:
     config = full_config(args.quick)
     if args.out_dir is not None or args.repeats is not None:
         config = BenchConfig(
-            config.preset,
-            config.steps,
-            config.ratios,
-            config.text_lengths,
-            args.repeats or config.repeats,
-            args.out_dir or config.out_dir,
+            config.preset, config.steps, config.ratios, config.text_lengths, args.repeats or config.repeats,
+            args.out_dir or config.out_dir, config.quick,
         )
+    chosen = args.family or ("flux" if args.quick else "all")
+    families = list(FAMILY_CLASSES) if chosen == "all" else [chosen]
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    rows, environment = run(config)
-    (config.out_dir / "mask_latency.json").write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
+    json_path = config.out_dir / "mask_latency.json"
+    environment_path = config.out_dir / "mask_latency.environment.json"
+    # Rows of families not run now are kept, so families can be measured one at a time.
+    kept = [Row(**row) for row in json.loads(json_path.read_text())] if json_path.is_file() else []
+    environment = json.loads(environment_path.read_text()) if environment_path.is_file() else {}
+    rows = [row for row in kept if row.family not in families]
+    for family in families:
+        family_rows, family_environment = run(config) if family == "flux" else run_family(family, config)
+        rows += family_rows
+        shared = {key: value for key, value in family_environment.items() if key not in ("warmup_s", "cache_mib", "pipeline")}
+        environment.update(shared)
+        environment[f"{family}_warmup_s"] = family_environment["warmup_s"]
+        environment[f"{family}_cache_mib"] = family_environment["cache_mib"]
+    environment["load_average_at_end"] = os.getloadavg()[0]
+    order = list(FAMILY_CLASSES)
+    rows.sort(key=lambda row: (order.index(row.family), row.text_tokens, row.target_ratio))
+    json_path.write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
+    environment_path.write_text(json.dumps(environment, indent=2) + "\n")
     write_markdown(rows, environment, config.out_dir / "mask_latency.md")
     write_plot(rows, config.out_dir / "mask_latency.png")
-    logger.info("Wrote %s", config.out_dir / "mask_latency.json")
+    logger.info("Wrote %s", json_path)
 
 
 if __name__ == "__main__":

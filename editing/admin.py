@@ -68,18 +68,19 @@ def timings_summary(timings: dict | None) -> str:
 @admin.register(Template)
 class TemplateAdmin(admin.ModelAdmin):
     list_display = [
-        "id", "thumbnail_list", "name", "owner", "size", "use_count", "cache_state", "cache_hits", "created_at",
+        "id", "thumbnail_list", "name", "owner", "model", "size", "use_count", "cache_state", "cache_hits",
+        "created_at",
     ]
     list_display_links = ["id", "thumbnail_list", "name"]
-    list_filter = ["owner"]
+    list_filter = ["owner", "model"]
     search_fields = ["name", "content_hash"]
     readonly_fields = [
-        "thumbnail_detail", "size", "width", "height", "content_hash", "use_count", "cache_state",
+        "thumbnail_detail", "model", "size", "width", "height", "content_hash", "use_count", "cache_state",
         "cache_hits", "last_cache_hit", "created_at", "updated_at",
     ]
     fields = [
-        "name", "owner", "thumbnail_detail", "size", "content_hash", "use_count", "cache_state", "cache_hits",
-        "last_cache_hit", "created_at", "updated_at",
+        "name", "owner", "model", "thumbnail_detail", "size", "content_hash", "use_count", "cache_state",
+        "cache_hits", "last_cache_hit", "created_at", "updated_at",
     ]
     actions = ["warm_cache", "drop_cache"]
 
@@ -184,15 +185,15 @@ class TemplateAdmin(admin.ModelAdmin):
 @admin.register(EditJob)
 class EditJobAdmin(admin.ModelAdmin):
     list_display = [
-        "id", "owner", "template", "status", "progress_percent", "mask_ratio", "bucket", "cache_outcome_text",
-        "timings_summary", "created_at",
+        "id", "owner", "template", "model", "status", "progress_percent", "mask_ratio", "bucket",
+        "cache_outcome_text", "timings_summary", "created_at",
     ]
-    list_filter = ["status", "bucket", "template", "cache_outcome"]
+    list_filter = ["status", "model", "bucket", "template", "cache_outcome"]
     list_select_related = ["owner", "template"]
     search_fields = ["id", "prompt"]
     date_hierarchy = "created_at"
     readonly_fields = [
-        "result_preview", "status", "progress", "mask_ratio", "bucket", "queue_name", "cache_outcome",
+        "result_preview", "model", "status", "progress", "mask_ratio", "bucket", "queue_name", "cache_outcome",
         "cache_variant", "cache_key", "flop_fraction", "timings_table", "result", "error", "worker",
         "attempts", "created_at", "started_at", "finished_at", "updated_at",
     ]
@@ -248,8 +249,10 @@ class EditJobAdmin(admin.ModelAdmin):
 
 @admin.register(CacheWarmup)
 class CacheWarmupAdmin(admin.ModelAdmin):
-    list_display = ["id", "template", "status", "variant", "cache_tier", "cache_size", "timings_summary", "created_at"]
-    list_filter = ["status", "variant", "cache_tier"]
+    list_display = [
+        "id", "template", "model", "status", "variant", "cache_tier", "cache_size", "timings_summary", "created_at",
+    ]
+    list_filter = ["status", "model", "variant", "cache_tier"]
     list_select_related = ["template"]
     readonly_fields = [
         "template", "requested_by", "seed", "steps", "guidance", "variant", "status", "progress", "cache_key",

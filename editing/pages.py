@@ -20,6 +20,7 @@ from django.utils.text import capfirst
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
+from editing import catalog
 from editing.api.serializers import JobSerializer
 from editing.models import CacheOutcome, EditJob, JobStatus
 from editing.warmups import DEFAULT_GUIDANCE
@@ -63,6 +64,7 @@ class JobPrefill:
     steps: int
     guidance: float
     mask_url: str
+    model: str = ""
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,7 @@ def job_prefill(request: HttpRequest, job_id: str | None) -> JobPrefill | None:
         steps=job.steps,
         guidance=job.guidance,
         mask_url=reverse("job-mask", args=[job.pk]),
+        model=job.model,
     )
 
 
@@ -292,6 +295,10 @@ def editor(request: HttpRequest) -> HttpResponse:
         "config": asdict(config),
         "messages_for_script": browser_messages(),
         "prefill": config.prefill,
+        # A choice only where there is one: with a single served model the field is left out.
+        "models": [
+            {"name": spec.name, "label": spec.facts.label} for spec in catalog.models()
+        ] if len(catalog.models()) > 1 else [],
     }
     return render(request, "editing/editor.html", context)
 

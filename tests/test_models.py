@@ -176,3 +176,17 @@ def test_running_worker_publishes_its_models(celery_worker_process):
         time.sleep(0.5)
     assert any("flux" in worker.models for worker in workers)
     assert any(any(queue.startswith("edit.flux.") for queue in worker.queues) for worker in workers)
+
+
+def test_editor_offers_a_model_choice_only_with_several_models(make_user, settings):
+    from django.test import Client
+
+    client = Client()
+    client.force_login(make_user("carol"))
+    single = client.get("/").content.decode()
+    assert 'id="model"' not in single
+    settings.EDITOR_MODELS = parse_models(TWO_MODELS)
+    page = client.get("/", headers={"Accept-Language": "ja"}).content.decode()
+    assert 'id="model"' in page
+    assert 'value="inpaint"' in page and "Stable Diffusion 2" in page
+    assert "テンプレートのモデル" in page

@@ -244,8 +244,9 @@ async function submitJob(event) {
   body.append("template", String(state.template.id));
   body.append("mask", await mask.toPngBlob(), "mask.png");
   body.append("prompt", $("prompt").value);
-  for (const name of ["seed", "steps", "guidance"]) {
-    const value = $(name).value.trim();
+  for (const name of ["seed", "steps", "guidance", "model"]) {
+    const field = $(name);  // the model choice exists only when several models are served
+    const value = field ? field.value.trim() : "";
     if (value !== "") body.append(name, value);
   }
 

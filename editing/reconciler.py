@@ -8,7 +8,9 @@ and the reconciler only has to decide when a message is probably missing:
   not in the unacknowledged hash of the broker (Redis lost it on a restart, or the send failed);
 * a job or warm-up ``running`` with no progress for EDITOR_STALE_RUNNING_S (its worker died and the
   broker's visibility timeout, 2x the hard time limit, has not yet redelivered the message). The
-  worker that receives the re-sent message finds the row stale and takes the job over.
+  worker that receives the re-sent message finds the row stale and takes the job over;
+* a job ``queued`` in the own queue of a worker whose heartbeat has expired (the ``cost`` routing policy
+  sent it there): it is routed again at once, among the live workers.
 
 A Redis key that expires after EDITOR_REQUEUE_AFTER_S records each re-send, so an object is re-sent at
 most once per that interval unless Redis itself lost the key.
@@ -28,9 +30,8 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections
 from django.utils import timezone
 
-from editing import services, warmups
+from editing import catalog, cost_routing, fleet, services, warmups
 from editing.models import CacheWarmup, EditJob, JobStatus
-from editing import catalog
 from editing.routing import all_queues
 from editor_site import redis_keys
 
@@ -49,6 +50,7 @@ class ReconcileReport:
     """Ids that one reconcile pass re-sent, by reason, and the count of waiting rows that had a message."""
 
     requeued_jobs: list[str] = field(default_factory=list)
+    rerouted_jobs: list[str] = field(default_factory=list)  # from the queue of a worker that is gone
     stale_jobs: list[str] = field(default_factory=list)
     requeued_warmups: list[int] = field(default_factory=list)
     stale_warmups: list[int] = field(default_factory=list)
@@ -56,7 +58,10 @@ class ReconcileReport:
 
     @property
     def resent(self) -> int:
-        return len(self.requeued_jobs) + len(self.stale_jobs) + len(self.requeued_warmups) + len(self.stale_warmups)
+        return (
+            len(self.requeued_jobs) + len(self.rerouted_jobs) + len(self.stale_jobs) + len(self.requeued_warmups)
+            + len(self.stale_warmups)
+        )
 
 
 def message_argument(raw: bytes) -> str | None:
@@ -107,17 +112,42 @@ def mark_resent(client: redis.Redis, prefix: str, kind: str, object_id: object, 
     return bool(client.set(resend_marker_key(prefix, kind, object_id), "1", nx=True, ex=interval_s))
 
 
+def reroute_from_gone_workers(client: redis.Redis, report: ReconcileReport) -> None:
+    """Route again the queued jobs waiting in the own queue of a worker whose heartbeat has expired."""
+    live = fleet.live_workers()
+    if live is None:
+        return  # Redis unreadable: nothing is known about the workers
+    alive = {worker.hostname for worker in live}
+    waiting = EditJob.objects.filter(status=JobStatus.QUEUED, queue_name__startswith=redis_keys.direct_queue(""))
+    gone: set[str] = set()
+    for job in waiting.select_related("template").order_by("created_at"):
+        hostname = cost_routing.hostname_of_direct_queue(job.queue_name)
+        if hostname is None or hostname in alive:
+            continue
+        gone.add(hostname)
+        services.reroute(job)
+        report.rerouted_jobs.append(str(job.pk))
+    for hostname in gone:
+        # Its messages now have new copies; a worker restarting under this name must not run them again.
+        client.delete(redis_keys.worker_backlog_key(hostname), redis_keys.key_prefix() + redis_keys.direct_queue(hostname))
+
+
 def reconcile_once(*, requeue_after_s: int | None = None, stale_after_s: int | None = None) -> ReconcileReport:
     """Run one pass over queued and running jobs and warm-ups; raises redis.RedisError when Redis is down."""
     requeue_after_s = requeue_after_s or settings.EDITOR_REQUEUE_AFTER_S
     stale_after_s = stale_after_s or settings.EDITOR_STALE_RUNNING_S
     client = redis_keys.client()
     prefix = redis_keys.key_prefix()
-    in_broker = broker_arguments(client, prefix, all_queues(catalog.names()))
+    report = ReconcileReport()
+    reroute_from_gone_workers(client, report)
+    direct_queues = set(
+        EditJob.objects.filter(status=JobStatus.QUEUED, queue_name__startswith=redis_keys.direct_queue(""))
+        .values_list("queue_name", flat=True).distinct()
+    )
+    in_broker = broker_arguments(client, prefix, all_queues(catalog.names()) + sorted(direct_queues))
     now = timezone.now()
     queued_before = now - timedelta(seconds=requeue_after_s)
     stale_before = now - timedelta(seconds=stale_after_s)
-    report = ReconcileReport()
 
     queued_jobs = EditJob.objects.filter(status=JobStatus.QUEUED, updated_at__lt=queued_before, cancel_requested=False)
     for job in queued_jobs.order_by("created_at"):
@@ -144,9 +174,10 @@ def reconcile_once(*, requeue_after_s: int | None = None, stale_after_s: int | N
 
     if report.resent:
         logger.warning(
-            "reconciler re-sent %d queued jobs %s, %d stale running jobs %s, %d queued warm-ups %s, "
-            "%d stale warm-ups %s",
-            len(report.requeued_jobs), report.requeued_jobs, len(report.stale_jobs), report.stale_jobs,
+            "reconciler re-sent %d queued jobs %s, re-routed %d jobs of gone workers %s, %d stale running jobs %s, "
+            "%d queued warm-ups %s, %d stale warm-ups %s",
+            len(report.requeued_jobs), report.requeued_jobs, len(report.rerouted_jobs), report.rerouted_jobs,
+            len(report.stale_jobs), report.stale_jobs,
             len(report.requeued_warmups), report.requeued_warmups, len(report.stale_warmups), report.stale_warmups,
         )
     return report

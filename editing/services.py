@@ -15,7 +15,7 @@ from django.core.files.base import ContentFile
 from django.db import transaction
 from django.db.models import F
 
-from editing import catalog, imaging, jobstate
+from editing import catalog, cost_routing, imaging, jobstate
 from editing.models import EditJob, JobStatus, Template
 from editing.routing import bucket_for
 from editor_site.celery import app as celery_app
@@ -101,12 +101,12 @@ def submit_job(
             model=spec.name,
             mask_ratio=ratio,
             bucket=bucket.name,
-            queue_name=bucket.queue(spec.name),
         )
+        chosen = pick_queue(job)
         job.mask.save(f"{uuid.uuid4().hex}.png", ContentFile(mask_png), save=False)
         job.save()
         Template.objects.filter(pk=template.pk).update(use_count=F("use_count") + 1)
-        transaction.on_commit(lambda: enqueue(job))
+        transaction.on_commit(lambda: enqueue(job, chosen))
     logger.info(
         "job %s submitted by user %s: template %s, mask ratio %.3f, queue %s",
         job.pk, owner.pk, template.pk, ratio, job.queue_name,
@@ -114,8 +114,34 @@ def submit_job(
     return job
 
 
-def enqueue(job: EditJob) -> None:
+def pick_queue(job: EditJob) -> cost_routing.Candidate | None:
+    """Set `job.queue_name` by EDITOR_ROUTING: its bucket queue, or the worker the cost policy picks.
+
+    Returns the cost policy's pick (None under the bucket policy or when no worker's cost is known).
+    """
+    chosen = None
+    if settings.EDITOR_ROUTING == "cost":
+        chosen = cost_routing.choose(cost_routing.JobShape(
+            model=job.model, template_hash=job.template.content_hash, width=job.template.width,
+            height=job.template.height, mask_ratio=job.mask_ratio, steps=job.steps, seed=job.seed,
+            guidance=job.guidance,
+        ))
+    job.queue_name = chosen.queue if chosen else bucket_for(job.mask_ratio).queue(job.model)
+    return chosen
+
+
+def reroute(job: EditJob) -> None:
+    """Route a queued job again (its worker is gone) and send it; a cancelled or started job is left alone."""
+    chosen = pick_queue(job)
+    if EditJob.objects.filter(pk=job.pk, status=JobStatus.QUEUED).update(queue_name=job.queue_name) == 1:
+        logger.info("job %s re-routed to %s", job.pk, job.queue_name)
+        enqueue(job, chosen)
+
+
+def enqueue(job: EditJob, chosen: cost_routing.Candidate | None = None) -> None:
     """Send the job's message; a broker failure leaves the job queued for the reconciler."""
+    if chosen is not None:
+        cost_routing.add_to_backlog(chosen, str(job.pk))
     if not celery_app.conf.broker_url:
         logger.error("no broker is configured (set REDIS_URL); job %s stays queued", job.pk)
         return

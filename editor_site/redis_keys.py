@@ -32,3 +32,18 @@ def worker_state_key(hostname: str) -> str:
 
 def worker_state_pattern() -> str:
     return f"{key_prefix()}editor:worker:*"
+
+
+def worker_load_key(hostname: str) -> str:
+    """The job process's state: when it will be free, its cost fits, the caches it holds."""
+    return f"{key_prefix()}editor:load:{hostname}"
+
+
+def worker_backlog_key(hostname: str) -> str:
+    """Hash of job id -> predicted seconds for jobs routed to the worker and not yet started."""
+    return f"{key_prefix()}editor:backlog:{hostname}"
+
+
+def direct_queue(hostname: str) -> str:
+    """The queue only this worker consumes; the cost routing policy sends jobs there."""
+    return f"edit.direct.{hostname}"

@@ -239,9 +239,20 @@ EDITOR_MASK_DILATION_TOKENS = env_int("EDITOR_MASK_DILATION_TOKENS", 1, minimum=
 EDITOR_CACHE_VARIANT = env_str("EDITOR_CACHE_VARIANT", "kv")
 if EDITOR_CACHE_VARIANT not in ("kv", "hidden"):
     raise ImproperlyConfigured(f"EDITOR_CACHE_VARIANT={EDITOR_CACHE_VARIANT!r} must be 'kv' or 'hidden'.")
+# Off: every job runs the stock pipeline on all tokens and no warm-up is queued (a baseline for benchmarks).
+EDITOR_CACHE_ENABLED = env_bool("EDITOR_CACHE_ENABLED", True)
+# Step-level batching: the most requests one engine step runs, and the most tokens it packs. A batch of 1
+# runs requests one at a time.
+EDITOR_ENGINE_MAX_BATCH = env_int("EDITOR_ENGINE_MAX_BATCH", 4, minimum=1)
+EDITOR_ENGINE_TOKEN_BUDGET = env_int("EDITOR_ENGINE_TOKEN_BUDGET", 16384, minimum=1)
+# "bucket": queues by mask-ratio bucket. "cost": each job goes to the live worker predicted to finish it
+# first, counting its queue, its cost model and whether it holds the template's cache.
+EDITOR_ROUTING = env_str("EDITOR_ROUTING", "bucket")
+if EDITOR_ROUTING not in ("bucket", "cost"):
+    raise ImproperlyConfigured(f"EDITOR_ROUTING={EDITOR_ROUTING!r} must be 'bucket' or 'cost'.")
 # Bearer token that lets a Prometheus scraper read /metrics without a staff session; empty disables it.
 EDITOR_METRICS_TOKEN = env_str("EDITOR_METRICS_TOKEN")
-EDITOR_WARMUP_ON_CREATE = env_bool("EDITOR_WARMUP_ON_CREATE", True)
+EDITOR_WARMUP_ON_CREATE = env_bool("EDITOR_WARMUP_ON_CREATE", True) and EDITOR_CACHE_ENABLED
 # A running job that has written no progress for this long is taken over by the next worker that
 # receives its message. It must exceed the slowest single phase (model load, one step, decode).
 EDITOR_STALE_RUNNING_S = env_int("EDITOR_STALE_RUNNING_S", 600, minimum=10)

@@ -208,7 +208,7 @@ def submit_full_mask_job(client, *, steps: int, send: bool = True, monkeypatch=N
     )
     assert response.status_code == 201, response.content
     if not send:
-        monkeypatch.setattr(services, "enqueue", lambda job: None)
+        monkeypatch.setattr(services, "enqueue", lambda job, chosen=None: None)
     mask = np.full((size, size), 255, dtype=np.uint8)
     response = client.post(
         "/api/jobs/",

@@ -21,10 +21,11 @@ from django.utils import timezone
 
 from editing import catalog, imaging, jobstate, warmups
 from editing.models import CacheOutcome, CacheWarmup, EditJob, JobStatus
-from workers import caching
+from workers import caching, worker_state
 from workers.metrics_publisher import publish_metrics
 from workers.model_loading import get_model
 from workers.runner import EditRequest, JobCancelled, RunnerSettings, prepare_working_inputs, run_edit
+from workers.template_cache import get_store
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,20 @@ def read_inputs(job: EditJob) -> tuple[np.ndarray, np.ndarray]:
 PREFETCH_LOOKAHEAD = 4
 
 
+def publish_state(worker: str) -> None:
+    """Publish this process's load, cost fits and cache residency for the cost routing policy."""
+    runner_settings = RunnerSettings.from_env()
+    text_tokens = {
+        name: worker_state_model_text_tokens(name, runner_settings) for name in worker_state.loaded_cost_models()
+    }
+    worker_state.publish(worker, text_tokens)
+
+
+def worker_state_model_text_tokens(name: str, runner_settings: RunnerSettings) -> int:
+    model = get_model(name)
+    return model.family.text_tokens(model.pipe, runner_settings.max_sequence_length)
+
+
 def model_cache_variant(model) -> str:
     """The cache variant jobs on this loaded model use (EDITOR_CACHE_VARIANT where its family supports it)."""
     return warmups.cache_variant(catalog.get(model.name) or catalog.default_model())
@@ -166,6 +181,7 @@ def execute_job(
     can re-send the job for another attempt.
     """
     close_old_connections()
+    worker_state.take_from_backlog(worker, str(job_id))
     job = EditJob.objects.select_related("template").filter(pk=job_id).first()
     if job is None:
         logger.info("job %s no longer exists; skipping", job_id)
@@ -188,7 +204,11 @@ def execute_job(
         logger.warning("job %s restarts after an interrupted attempt on %s", job_id, job.worker or "a worker")
 
     try:
-        run_claimed_job(job, worker=worker, soft_time_limit_s=soft_time_limit_s)
+        try:
+            run_claimed_job(job, worker=worker, soft_time_limit_s=soft_time_limit_s)
+        finally:
+            worker_state.set_busy_until(0.0)
+            publish_state(worker)
     except DatabaseError as error:
         # The connection dropped (or the database restarted) mid-job. Closing it lets the next attempt
         # reconnect, and the task re-sends the job as a takeover. If that fails too, the reconciler
@@ -315,7 +335,12 @@ def run_job(
         model, inputs, template_hash=job.template.content_hash, steps=job.steps, seed=job.seed,
         guidance=job.guidance, variant=variant, settings=runner_settings,
     )
-    fraction = caching.masked_flop_fraction(model, inputs, variant=variant, settings=runner_settings)
+    # With the cache switched off a fraction of 1.0 makes the decision a bypass: stock computation.
+    fraction = (
+        caching.masked_flop_fraction(model, inputs, variant=variant, settings=runner_settings)
+        if settings.EDITOR_CACHE_ENABLED else 1.0
+    )
+    tier_before = get_store().tier_of(key)
     decision = caching.decide(
         model, key, fraction, pending_same_key=pending_jobs_like(job),
         cache_valid=warmups.cache_is_valid(key.digest()),
@@ -323,6 +348,20 @@ def run_job(
     )
     timings["cache_lookup"] = (time.perf_counter() - start) * 1000
     prefetch_for_waiting_jobs(model, job, runner_settings)
+    counts = caching.token_counts(model, inputs, runner_settings)
+    costs = worker_state.cost_model(
+        model, text_tokens=counts.text, max_sequence_length=runner_settings.max_sequence_length
+    )
+    computed = counts.text + (counts.masked if decision.activations is not None else counts.image)
+    if decision.outcome == CacheOutcome.HIT and tier_before == "disk":
+        costs.record_load(get_store().disk.entry_nbytes_of(key) or 0, timings["cache_lookup"] / 1000)
+    if decision.key is not None and decision.outcome == CacheOutcome.HIT:
+        worker_state.remember_cache(model.name, key)
+    predicted = job.steps * costs.fit.step_seconds(computed)
+    if decision.outcome == CacheOutcome.MISS_WARM_FIRST:
+        predicted += job.steps * costs.fit.step_seconds(counts.text + counts.image)
+    worker_state.set_busy_until(time.time() + predicted)
+    publish_state(worker)
 
     activations = decision.activations
     edit_progress = StepReporter(job.pk)
@@ -351,10 +390,11 @@ def run_job(
     finally:
         decision.close()
     timings.update(result.timings_ms)
-    caching.record_timings(
-        model, decision, caching.token_counts(model, inputs, runner_settings), steps=job.steps,
-        timings_ms=result.timings_ms,
-    )
+    caching.record_timings(model, decision, counts, steps=job.steps, timings_ms=result.timings_ms)
+    if decision.outcome != CacheOutcome.MISS_WARM_FIRST and result.timings_ms.get("denoise"):
+        costs.record_step(computed, result.timings_ms["denoise"] / 1000 / job.steps)
+    if decision.outcome == CacheOutcome.MISS_WARM_FIRST:
+        worker_state.remember_cache(model.name, key)
     return result, decision
 
 
@@ -384,7 +424,9 @@ def execute_warmup(warmup_id: int, *, worker: str) -> None:
         logger.exception("warm-up %s of template %s failed", warmup_id, warmup.template_id)
         warmups.fail(warmup.pk, error=f"{type(error).__name__}: {error}")
         return
+    worker_state.remember_cache(model.name, key)
     publish_metrics(worker)
+    publish_state(worker)
     warmups.succeed(
         warmup.pk, cache_key=outcome.key.digest(), cache_bytes=outcome.nbytes, tier=outcome.tier,
         timings=outcome.timings_ms,

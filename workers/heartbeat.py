@@ -13,7 +13,7 @@ import threading
 import time
 
 import redis
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
 from django.conf import settings
 
 from editing.routing import all_queues
@@ -34,6 +34,7 @@ def state(hostname: str) -> dict[str, object]:
         "hostname": hostname,
         "models": list(settings.EDITOR_WORKER_MODELS),
         "queues": all_queues(),
+        "direct_queue": redis_keys.direct_queue(hostname),
         "pid": os.getpid(),
         "at": time.time(),
     }
@@ -50,6 +51,12 @@ def _beat(hostname: str) -> None:
         except (redis.RedisError, ValueError):
             logger.warning("could not publish the heartbeat of %s", hostname, exc_info=True)
         _stop.wait(INTERVAL_S)
+
+
+@celeryd_after_setup.connect
+def consume_direct_queue(sender: str, instance, **_kwargs) -> None:
+    """Also consume this worker's own queue, where the cost routing policy sends the jobs it picks it for."""
+    instance.app.amqp.queues.select_add(redis_keys.direct_queue(sender))
 
 
 @worker_ready.connect

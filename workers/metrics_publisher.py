@@ -8,6 +8,7 @@ import redis
 
 from editor_site import redis_keys
 from workers.template_cache import get_store
+from workers.worker_state import loaded_cost_models
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +19,8 @@ SNAPSHOT_TTL_S = 600
 def publish_metrics(hostname: str) -> None:
     """Store this process's metrics in the Prometheus text format under the worker's key."""
     text = get_store().metrics.render_prometheus()
+    for name, model in loaded_cost_models().items():
+        text += model.render_prometheus(name)
     try:
         redis_keys.client().set(redis_keys.worker_metrics_key(hostname), text, ex=SNAPSHOT_TTL_S)
     except (redis.RedisError, ValueError):

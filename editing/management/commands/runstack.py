@@ -62,7 +62,7 @@ class Command(BaseCommand):
             if not no_worker:
                 group.start("celery worker", worker_command(all_queues()), env=env)
             # Re-sends jobs that Redis lost or whose worker died (see editing.reconciler).
-            group.start("reconciler", [sys.executable, "manage.py", "reconcile_jobs", "--interval", "30"], env=env)
+            group.start("reconciler", [sys.executable, "manage.py", "reconcile_jobs", "--interval", "10"], env=env)
             web = group.start(
                 "web server",
                 [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],

@@ -1,0 +1,150 @@
+"""The ``cost`` routing policy: send each job to the live worker predicted to finish it first.
+
+For every live worker that serves the job's model, the predicted finish is
+
+    wait = time until its running job ends (its published ``busy_until``)
+         + predicted seconds of the jobs already routed to it and not yet started (its backlog)
+    run  = steps x step seconds from its fitted cost model, at the tokens the job will compute there:
+           text + masked tokens where it holds the template's cache, plus the load time when that cache is on
+           its disk tier; text + all image tokens where it does not (the job runs in full and warms the cache)
+
+and the job goes to the worker's own queue with the smallest ``wait + run``. The prediction is added to
+that worker's backlog until the worker takes the job. Workers without a published cost model are skipped;
+with none left the caller falls back to the mask-ratio bucket queues.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import redis
+
+from editing import catalog, fleet
+from editing.imaging import fit_working_size
+from editor_site import redis_keys
+
+logger = logging.getLogger(__name__)
+
+# Above this share of masked tokens the worker runs the stock computation (workers/caching.py).
+BYPASS_MASK_RATIO = 0.9
+BACKLOG_TTL_S = 24 * 3600
+DEFAULT_MAX_WORK_PIXELS = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """What the router knows about a job before any worker has looked at it."""
+
+    model: str
+    template_hash: str
+    width: int
+    height: int
+    mask_ratio: float
+    steps: int
+    seed: int
+    guidance: float
+
+    @property
+    def residency_token(self) -> str:
+        # Same form as workers/worker_state.residency_token.
+        return f"{self.model}:{self.template_hash}:{self.steps}:{self.seed}:{float(self.guidance):g}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    hostname: str
+    queue: str
+    wait_s: float
+    run_s: float
+    cache: str  # "memory", "disk" or "none"
+
+    @property
+    def finish_s(self) -> float:
+        return self.wait_s + self.run_s
+
+
+def image_tokens(shape: JobShape) -> int:
+    spec = catalog.get(shape.model) or catalog.default_model()
+    patch = spec.facts.pixels_per_token
+    try:
+        max_pixels = int(os.environ.get("EDITOR_MAX_WORK_PIXELS") or DEFAULT_MAX_WORK_PIXELS)
+    except ValueError:
+        max_pixels = DEFAULT_MAX_WORK_PIXELS  # the worker refuses to start with it; any guess is as good
+    width, height = fit_working_size(shape.width, shape.height, max_pixels, patch)
+    return math.ceil(width / patch) * math.ceil(height / patch)
+
+
+def predict(shape: JobShape, load: dict, backlog_s: float, now: float) -> tuple[float, float, str] | None:
+    """(wait seconds, run seconds, cache tier) of `shape` on a worker with published `load`; None if unknown."""
+    cost = (load.get("costs") or {}).get(shape.model)
+    if not cost:
+        return None
+    tokens = image_tokens(shape)
+    text = float(cost.get("text_tokens", 0))
+    resident = load.get("resident") or {}
+    tier = next((name for name in ("memory", "disk") if shape.residency_token in resident.get(name, [])), "none")
+    cached = tier != "none" and shape.mask_ratio < BYPASS_MASK_RATIO
+    computed = text + (shape.mask_ratio * tokens if cached else tokens)
+    step_s = max(0.0, cost["step_intercept_s"] + cost["step_s_per_token"] * computed)
+    run_s = shape.steps * step_s
+    if cached and tier == "disk":
+        run_s += cost.get("load_latency_s", 0.0)
+    wait_s = max(0.0, float(load.get("busy_until", 0.0)) - now) + backlog_s
+    return wait_s, run_s, tier if cached else "none"
+
+
+def candidates(shape: JobShape) -> list[Candidate]:
+    workers = fleet.live_workers() or []
+    serving = [worker for worker in workers if shape.model in worker.models]
+    if not serving:
+        return []
+    try:
+        client = redis_keys.client()
+        loads = client.mget([redis_keys.worker_load_key(worker.hostname) for worker in serving])
+        backlogs = [client.hvals(redis_keys.worker_backlog_key(worker.hostname)) for worker in serving]
+    except (redis.RedisError, ValueError):
+        logger.warning("could not read worker loads; routing by bucket", exc_info=True)
+        return []
+    now = time.time()
+    found = []
+    for worker, raw, backlog in zip(serving, loads, backlogs):
+        if raw is None:
+            continue
+        try:
+            load = json.loads(raw)
+            prediction = predict(shape, load, sum(float(value) for value in backlog), now)
+        except (ValueError, KeyError, TypeError):
+            logger.warning("ignoring the malformed load record of %s", worker.hostname)
+            continue
+        if prediction is not None:
+            wait_s, run_s, tier = prediction
+            found.append(Candidate(worker.hostname, redis_keys.direct_queue(worker.hostname), wait_s, run_s, tier))
+    return found
+
+
+def choose(shape: JobShape) -> Candidate | None:
+    """The candidate with the earliest predicted finish (ties: less waiting), or None when none is known."""
+    found = candidates(shape)
+    if not found:
+        return None
+    return min(found, key=lambda candidate: (candidate.finish_s, candidate.wait_s, candidate.hostname))
+
+
+def add_to_backlog(candidate: Candidate, job_id: str) -> None:
+    try:
+        client = redis_keys.client()
+        key = redis_keys.worker_backlog_key(candidate.hostname)
+        client.hset(key, job_id, f"{candidate.run_s:.6f}")
+        client.expire(key, BACKLOG_TTL_S)
+    except (redis.RedisError, ValueError):
+        logger.warning("could not record job %s in the backlog of %s", job_id, candidate.hostname, exc_info=True)
+
+
+def hostname_of_direct_queue(queue: str) -> str | None:
+    prefix = redis_keys.direct_queue("")
+    return queue[len(prefix):] if queue.startswith(prefix) else None

@@ -1,0 +1,58 @@
+"""The worker's cost model: fits, persistence and calibration on a real (tiny) model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workers.cost_model import CostFit, CostModel, calibrate, fit_line
+
+
+def test_fit_line_recovers_a_line_and_refuses_negative_slopes():
+    intercept, slope = fit_line([100, 200, 400], [0.3, 0.5, 0.9])
+    assert intercept == pytest.approx(0.1) and slope == pytest.approx(0.002)
+    assert fit_line([100, 100], [0.2, 0.4]) == (0.0, pytest.approx(0.003))
+    intercept, slope = fit_line([100, 200], [0.5, 0.4])
+    assert intercept == 0.0 and slope > 0
+
+
+def test_model_refits_persists_and_reloads(tmp_path: Path):
+    model = CostModel(tmp_path / "cost" / "flux.json", CostFit(0.0, 0.01))
+    for tokens, seconds in ((200, 0.25), (400, 0.45), (800, 0.85)):
+        model.record_step(tokens, seconds)
+    model.record_load(8 * 2**20, 0.05)
+    model.record_load(32 * 2**20, 0.17)
+    fit = model.fit
+    assert fit.step_intercept_s == pytest.approx(0.05) and fit.step_s_per_token == pytest.approx(0.001)
+    assert fit.load_s_per_mib == pytest.approx(0.005) and fit.step_samples == 3 and fit.load_samples == 2
+    assert fit.step_seconds(1000) == pytest.approx(1.05)
+
+    again = CostModel.load(tmp_path / "cost" / "flux.json")
+    assert again is not None and again.fit == fit
+    assert CostModel.load(tmp_path / "missing.json") is None
+    (tmp_path / "bad.json").write_text("{not json")
+    assert CostModel.load(tmp_path / "bad.json") is None
+
+
+def test_nonsense_samples_are_ignored(tmp_path: Path):
+    model = CostModel(tmp_path / "m.json", CostFit(0.1, 0.001))
+    model.record_step(0, 1.0)
+    model.record_step(100, -1.0)
+    assert model.fit == CostFit(0.1, 0.001)
+
+
+def test_metrics_name_the_model(tmp_path: Path):
+    text = CostModel(tmp_path / "m.json", CostFit(0.02, 0.0005)).render_prometheus("fill")
+    assert 'editor_cost_step_seconds_per_token{model="fill"} 0.0005' in text
+    assert "# TYPE editor_cost_load_seconds_per_mib gauge" in text
+
+
+def test_calibration_times_real_steps(tmp_path: Path, test_model_path: Path):
+    from workers.model_loading import load_model
+
+    model = load_model(str(test_model_path), var_dir=tmp_path)
+    fitted = calibrate(model, tmp_path / "c.json", text_tokens=16, max_sequence_length=16)
+    assert fitted.fit.step_samples == 2
+    # More tokens never predict less time.
+    assert fitted.fit.step_seconds(16 + 256) >= fitted.fit.step_seconds(16 + 64) > 0

@@ -1,0 +1,119 @@
+"""What a worker's job process tells the router: when it will be free, its cost fits and which caches it holds.
+
+The heartbeat (workers/heartbeat.py) says a worker is alive and which models it serves; this record, written
+by the process that runs the jobs, says how fast it is and what it holds. The ``cost`` routing policy
+(editing/cost_routing.py) reads both, plus the backlog of jobs already routed to the worker and not yet
+started, which submitters add to and this process removes from when it takes a job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import redis
+
+from cache.keys import CacheKey
+from editor_site import redis_keys
+from workers.cost_model import CostModel, calibrate
+from workers.model_loading import DEFAULT_VAR_DIR, LoadedModel
+from workers.template_cache import get_store
+
+logger = logging.getLogger(__name__)
+
+STATE_TTL_S = 600
+MAX_RESIDENT_TOKENS = 512
+
+_lock = threading.Lock()
+_cost_models: dict[str, CostModel] = {}
+_known_keys: OrderedDict[str, tuple[str, CacheKey]] = OrderedDict()  # residency token -> (model, key)
+_busy_until = 0.0
+
+
+def residency_token(model: str, key: CacheKey) -> str:
+    """The cache identity as the web side can compute it from a job: model, template, steps, seed, guidance."""
+    return f"{model}:{key.template_hash}:{key.steps}:{key.seed}:{float(key.guidance):g}"
+
+
+def cost_model(model: LoadedModel, *, text_tokens: int, max_sequence_length: int) -> CostModel:
+    """This process's cost model of `model`: the persisted one, else a fresh calibration."""
+    with _lock:
+        existing = _cost_models.get(model.name)
+    if existing is not None:
+        return existing
+    var_dir = Path(os.environ.get("EDITOR_VAR_DIR") or DEFAULT_VAR_DIR)
+    path = var_dir / "cost-model" / f"{model.name}.json"
+    loaded = CostModel.load(path)
+    if loaded is None:
+        loaded = calibrate(model, path, text_tokens=text_tokens, max_sequence_length=max_sequence_length)
+        loaded.save()
+    else:
+        logger.info("cost model of %s loaded from %s (%d step samples)", model.name, path, loaded.fit.step_samples)
+    with _lock:
+        return _cost_models.setdefault(model.name, loaded)
+
+
+def loaded_cost_models() -> dict[str, CostModel]:
+    with _lock:
+        return dict(_cost_models)
+
+
+def remember_cache(model: str, key: CacheKey) -> None:
+    """Note a cache entry this process wrote or read, so its tier can be published."""
+    token = residency_token(model, key)
+    with _lock:
+        _known_keys[token] = (model, key)
+        _known_keys.move_to_end(token)
+        while len(_known_keys) > MAX_RESIDENT_TOKENS:
+            _known_keys.popitem(last=False)
+
+
+def set_busy_until(timestamp: float) -> None:
+    global _busy_until
+    with _lock:
+        _busy_until = timestamp
+
+
+def take_from_backlog(hostname: str, job_id: str) -> None:
+    """Remove a job the submitting side counted in this worker's backlog, now that it has started."""
+    try:
+        redis_keys.client().hdel(redis_keys.worker_backlog_key(hostname), job_id)
+    except (redis.RedisError, ValueError):
+        logger.warning("could not update the backlog of %s", hostname, exc_info=True)
+
+
+def snapshot(text_tokens: dict[str, int]) -> dict[str, object]:
+    store = get_store()
+    with _lock:
+        known = list(_known_keys.items())
+        busy_until = _busy_until
+        models = dict(_cost_models)
+    resident: dict[str, list[str]] = {"memory": [], "disk": []}
+    for token, (_model, key) in known:
+        tier = store.tier_of(key)
+        if tier in resident:
+            resident[tier].append(token)
+    costs = {}
+    for name, model in models.items():
+        fit = model.fit
+        costs[name] = {
+            "step_intercept_s": fit.step_intercept_s, "step_s_per_token": fit.step_s_per_token,
+            "load_latency_s": fit.load_latency_s, "load_s_per_mib": fit.load_s_per_mib,
+            "text_tokens": text_tokens.get(name, 0),
+        }
+    return {"busy_until": busy_until, "costs": costs, "resident": resident, "pid": os.getpid(), "at": time.time()}
+
+
+def publish(hostname: str, text_tokens: dict[str, int]) -> None:
+    """Write this process's state under the worker's name; best effort, like metrics."""
+    try:
+        redis_keys.client().set(
+            redis_keys.worker_load_key(hostname), json.dumps(snapshot(text_tokens)), ex=STATE_TTL_S
+        )
+    except (redis.RedisError, ValueError):
+        logger.warning("could not publish the state of %s", hostname, exc_info=True)

@@ -497,11 +497,15 @@ def start_logged(
 
 
 def start_worker(stack: ServingStack, name: str) -> None:
-    """Start a worker on every queue, with its own disk cache folder as on separate machines."""
+    """Start a worker on every queue, with its own disk cache folder as on separate machines.
+
+    The batch size comes from the system, not from this process's settings, so the pool matches the engine.
+    """
     from editing.routing import all_queues
 
     env = {**stack.env, "EDITOR_CACHE_DIR": str(stack.run_dir / f"cache-{name}")}
-    start_logged(stack.group, f"worker {name}", worker_command(all_queues(), name=name), env, stack.run_dir / "logs")
+    command = worker_command(all_queues(), name=name, batch=int(stack.system.env["EDITOR_ENGINE_MAX_BATCH"]))
+    start_logged(stack.group, f"worker {name}", command, env, stack.run_dir / "logs")
 
 
 def start_serving_stack(system: System, run_dir: Path, model: Path) -> ServingStack:
@@ -562,10 +566,13 @@ def wait_for_workers(stack: ServingStack, count: int) -> None:
         time.sleep(0.5)
 
 
-def workers_that_ran_jobs(stack: ServingStack) -> set[str]:
+def workers_with_model(stack: ServingStack) -> set[str]:
+    """Return the workers that ran a job or a warm-up, which loads the model."""
     script = (
-        "from editing.models import EditJob; "
-        "print(','.join(sorted(set(EditJob.objects.exclude(worker='').values_list('worker', flat=True)))))"
+        "from editing.models import CacheWarmup, EditJob; "
+        "names = set(EditJob.objects.exclude(worker='').values_list('worker', flat=True)); "
+        "names |= set(CacheWarmup.objects.exclude(worker='').values_list('worker', flat=True)); "
+        "print(','.join(sorted(names)))"
     )
     lines = manage(["shell", "--verbosity", "0", "-c", script], stack.env).strip().splitlines()
     return {name for name in (lines[-1] if lines else "").split(",") if name}
@@ -780,17 +787,19 @@ def prepare_requests(
 # --- One system -----------------------------------------------------------------------------------------
 
 
-def prepare_stack(stack: ServingStack, client: ApiClient, config: BenchConfig, images: list[np.ndarray],
-                  params: JobParams, priming_png: bytes) -> list[int]:
-    """Upload and warm the templates, then have each worker run one untimed job."""
+def prepare_stack(stack: ServingStack, client: ApiClient, images: list[np.ndarray], params: JobParams,
+                  priming_png: bytes) -> tuple[list[int], set[str]]:
+    """Upload and warm the templates, then run untimed jobs until each worker has loaded its model.
+
+    Return the template ids and the workers that loaded their model before the trace.
+    """
     wait_for_workers(stack, len(WORKER_NAMES))
     template_ids = [client.upload_template(image, f"template-{index}") for index, image in enumerate(images)]
     if stack.system.cache_enabled:
         for template_id in template_ids:
             client.warm(template_id, seed=params.seed, steps=params.steps, guidance=params.guidance)
         wait_for_warmups(stack, client, template_ids)
-    prime_workers(stack, client, template_ids[0], priming_png, params)
-    return template_ids
+    return template_ids, prime_workers(stack, client, template_ids, priming_png, params)
 
 
 def wait_for_warmups(stack: ServingStack, client: ApiClient, template_ids: Sequence[int]) -> None:
@@ -808,17 +817,33 @@ def wait_for_warmups(stack: ServingStack, client: ApiClient, template_ids: Seque
         time.sleep(POLL_INTERVAL_S)
 
 
-def prime_workers(stack: ServingStack, client: ApiClient, template_id: int, mask_png: bytes, params: JobParams) -> None:
-    """Run untimed jobs, one per worker at a time, until every worker has completed one (model loaded)."""
+def prime_workers(
+    stack: ServingStack, client: ApiClient, template_ids: Sequence[int], mask_png: bytes, params: JobParams
+) -> set[str]:
+    """Run rounds of untimed jobs until every worker has run a job or warm-up, so model loading is not timed.
+
+    A round has a job per template and at least one more job than all batch slots together, because cost
+    routing sends a template's jobs to the worker that has its cache, and a batching worker takes several.
+    Return the workers that ran one. When some never did, a warning names them and the trace runs anyway.
+    """
+    slots = len(WORKER_NAMES) * int(stack.system.env["EDITOR_ENGINE_MAX_BATCH"]) + 1
+    count = max(len(template_ids), slots)
+    loaded: set[str] = set()
     for _ in range(PRIMING_ROUNDS):
-        batch = [PreparedRequest(0.0, template_id, mask_png, "warm") for _ in WORKER_NAMES]
+        batch = [PreparedRequest(0.0, template_ids[index % len(template_ids)], mask_png, "warm")
+                 for index in range(count)]
         completions = replay(client, batch, params, drain_timeout_s=STARTUP_TIMEOUT_S + WARMUP_TIMEOUT_S)
         if any(c.status != "succeeded" for c in completions):
             raise RuntimeError(f"an untimed job did not succeed: {[c.status for c in completions]}")
         # Celery names a worker `<name>@<host>`.
-        if set(WORKER_NAMES) <= {worker.split("@")[0] for worker in workers_that_ran_jobs(stack)}:
-            return
-    raise RuntimeError(f"after {PRIMING_ROUNDS} rounds not every worker of {WORKER_NAMES} had run a job")
+        loaded = {worker.split("@")[0] for worker in workers_with_model(stack)}
+        if set(WORKER_NAMES) <= loaded:
+            return loaded
+    logger.warning(
+        "%s: workers %s ran no untimed job in %d rounds, so their model loads during the trace",
+        stack.system.name, sorted(set(WORKER_NAMES) - loaded), PRIMING_ROUNDS,
+    )
+    return loaded
 
 
 def calibrate(client: ApiClient, config: BenchConfig, template_ids: Sequence[int], params: JobParams) -> float:
@@ -837,11 +862,23 @@ def drain_timeout(config: BenchConfig, capacity_rps: float) -> float:
     return 30.0 + 1.5 * config.requests_per_rate / capacity_rps
 
 
+@dataclass(frozen=True)
+class SystemRun:
+    """The rows of one system, the capacity its rates were multiples of, and the workers loaded before the trace."""
+
+    rows: list[Row]
+    capacity_rps: float
+    loaded_workers: set[str]
+
+
 def run_system(
     system: System, config: BenchConfig, run_root: Path, model: Path, capacity_rps: float | None,
     traces: dict[float, list[TraceRequest]], masks: dict[float, dict[int, bytes]],
-) -> tuple[list[Row], float]:
-    """Start a stack for `system` and replay every mask set at every rate. Return rows and the capacity used."""
+) -> SystemRun:
+    """Start a stack for `system` and replay every mask set at every rate.
+
+    Without `capacity_rps` the capacity is measured first, on this system.
+    """
     params = JobParams(config.seed, config.steps, config.guidance)
     run_dir = run_root / system.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -851,8 +888,8 @@ def run_system(
     try:
         client = ApiClient(stack.url, stack.token)
         priming_png = next(iter(masks[config.mask_means[0]].values()))
-        template_ids = prepare_stack(stack, client, config, template_images(config.templates, config.size), params,
-                                     priming_png)
+        images = template_images(config.templates, config.size)
+        template_ids, loaded = prepare_stack(stack, client, images, params, priming_png)
         if capacity_rps is None:
             capacity_rps = calibrate(client, config, template_ids, params)
             logger.info("%s capacity: %.3f jobs/s", system.name, capacity_rps)
@@ -865,7 +902,7 @@ def run_system(
                 row = make_row(system.name, mask_mean, multiple, rate, metrics)
                 logger.info("%s", row)
                 rows.append(row)
-        return rows, capacity_rps
+        return SystemRun(rows, capacity_rps, loaded)
     finally:
         stack.group.stop()
 
@@ -873,7 +910,8 @@ def run_system(
 # --- Whole run and report -------------------------------------------------------------------------------
 
 
-def environment(config: BenchConfig, capacity_rps: float, started: float, load_start: float) -> dict:
+def environment(config: BenchConfig, runs: dict[str, SystemRun], started: float, load_start: float) -> dict:
+    capacity_rps = runs[BASELINE].capacity_rps
     return {
         "command": "python -m bench.serving" + (" --quick" if config.quick else ""),
         "machine": platform.platform(),
@@ -897,10 +935,11 @@ def environment(config: BenchConfig, capacity_rps: float, started: float, load_s
         "calibration_jobs": config.calibration_jobs,
         "drain_timeout_s": round(drain_timeout(config, capacity_rps), 1),
         "keep_up_rule": f"every job completed and throughput >= {KEEP_UP_FRACTION} x offered rate",
-        "stack": "gunicorn 2 processes x 8 threads, 2 Celery worker processes (prefork, concurrency 1, "
-                 "OMP_NUM_THREADS=1, every queue each, own cache folder each), reconciler, embedded Redis, SQLite; "
-                 "client on the same machine",
+        "stack": "gunicorn 2 processes x 8 threads, 2 Celery worker processes (OMP_NUM_THREADS=1, every queue "
+                 "each, own cache folder each; prefork with one child at batch 1, else one job thread per batch "
+                 "slot sharing the engine), reconciler, embedded Redis, SQLite; client on the same machine",
         "systems": {system.name: system.env for system in SYSTEMS if system.name in config.systems},
+        "workers_loaded_before_trace": {name: sorted(run.loaded_workers) for name, run in runs.items()},
         "load_average_at_start": round(load_start, 2),
         "load_average_at_end": round(os.getloadavg()[0], 2),
         "duration_s": round(time.time() - started, 1),
@@ -919,16 +958,16 @@ def run_benchmark(config: BenchConfig, *, keep: bool) -> tuple[list[Row], dict]:
     systems = [system for system in SYSTEMS if system.name in config.systems]
     if systems[0].name != BASELINE:
         raise ValueError(f"the first system must be {BASELINE}: it sets the rates")
-    rows: list[Row] = []
+    runs: dict[str, SystemRun] = {}
     capacity: float | None = None
     # A failed run leaves its folder (databases, process logs) for inspection.
     for system in systems:
-        system_rows, capacity = run_system(system, config, run_root, model, capacity, traces, masks)
-        rows.extend(system_rows)
+        runs[system.name] = run_system(system, config, run_root, model, capacity, traces, masks)
+        capacity = runs[system.name].capacity_rps
     if not keep:
         shutil.rmtree(run_root, ignore_errors=True)
-    assert capacity is not None
-    return rows, environment(config, capacity, started, load_start)
+    rows = [row for run in runs.values() for row in run.rows]
+    return rows, environment(config, runs, started, load_start)
 
 
 def without_nan(record: dict) -> dict:

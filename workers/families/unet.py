@@ -648,7 +648,6 @@ def masked_run(
     seed: int,
     steps: int,
     guidance_scale: float,
-    block_source: BlockCacheSource | None = None,
     on_step: StepCallback | None = None,
 ) -> MaskedOutput:
     """Run the stock pipeline on `image` and `mask` with only the tokens of `latent_mask` (h, w) recomputed.
@@ -668,9 +667,9 @@ def masked_run(
     if not latent_mask.any():
         raise ValueError("latent_mask selects no token. A masked edit needs at least one masked pixel.")
     device = pipe._execution_device
-    latent_keep = torch.as_tensor(np.ascontiguousarray(latent_mask), device=device)
-    levels = level_masked_indices(latent_keep)
-    source = block_source if block_source is not None else InMemoryBlockCacheSource(activations)
+    recomputed = torch.as_tensor(np.ascontiguousarray(latent_mask), device=device)
+    levels = level_masked_indices(recomputed)
+    source = InMemoryBlockCacheSource(activations)
     unet = pipe.unet
     blocks = UNetBlocks.of(unet)
     cursor = StepCursor()
@@ -679,7 +678,7 @@ def masked_run(
 
     def follow_trajectory(_pipe: Any, index: int, _t: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict:
         cached = trajectory[index + 1].to(device=device, dtype=tensors["latents"].dtype)
-        latents = torch.where(latent_keep, tensors["latents"], cached)
+        latents = torch.where(recomputed, tensors["latents"], cached)
         if index == steps - 1:
             final.append(latents[0].clone())
         if on_step is not None:

@@ -7,21 +7,29 @@ state; losing such a race is normal (a cancelled job, a redelivered message) and
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from editing.models import EditJob, JobStatus
 
 
-def claim(job_id: uuid.UUID | str, *, worker: str, allow_restart: bool = False) -> bool:
+def claim(
+    job_id: uuid.UUID | str, *, worker: str, allow_restart: bool = False, silent_before: datetime | None = None
+) -> bool:
     """Move a queued job to running for ``worker``.
 
-    With ``allow_restart`` a job left ``running`` is taken over too. Callers pass it only when the
-    previous worker is gone: the broker redelivered the message, or the job stopped reporting progress.
+    A job left ``running`` is taken over too with ``allow_restart`` (the broker redelivered the message, so
+    its previous worker is gone), or when it has reported nothing since ``silent_before``. The second test
+    is part of the UPDATE, so two deliveries that both saw a silent job cannot both take it over.
     """
-    statuses = [JobStatus.QUEUED, JobStatus.RUNNING] if allow_restart else [JobStatus.QUEUED]
-    updated = EditJob.objects.filter(pk=job_id, status__in=statuses, cancel_requested=False).update(
+    condition = Q(status=JobStatus.QUEUED)
+    if allow_restart:
+        condition |= Q(status=JobStatus.RUNNING)
+    elif silent_before is not None:
+        condition |= Q(status=JobStatus.RUNNING, updated_at__lt=silent_before)
+    updated = EditJob.objects.filter(condition, pk=job_id, cancel_requested=False).update(
         status=JobStatus.RUNNING,
         worker=worker,
         progress=0.0,

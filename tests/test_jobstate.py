@@ -40,6 +40,23 @@ def test_claim_once(job):
     assert job.attempts == 1
 
 
+def test_silent_job_is_taken_over_once(job):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    jobstate.claim(job.pk, worker="w1")
+    # Still reporting: not silent before a moment ago.
+    assert jobstate.claim(job.pk, worker="w2", silent_before=timezone.now() - timedelta(seconds=60)) is False
+    EditJob.objects.filter(pk=job.pk).update(updated_at=timezone.now() - timedelta(seconds=120))
+    silent_before = timezone.now() - timedelta(seconds=60)
+    # Two deliveries that both saw the silent row: only the first takes it over.
+    assert jobstate.claim(job.pk, worker="w2", silent_before=silent_before) is True
+    assert jobstate.claim(job.pk, worker="w3", silent_before=silent_before) is False
+    job.refresh_from_db()
+    assert (job.worker, job.attempts) == ("w2", 2)
+
+
 def test_restart_claim_takes_over_running_job(job):
     jobstate.claim(job.pk, worker="w1")
     assert jobstate.claim(job.pk, worker="w2", allow_restart=True) is True

@@ -116,6 +116,8 @@ def worker_env(
             "EDITOR_MEDIA_ROOT": str(session_media_root),
             "EDITOR_MODEL": str(test_model_path),
             "EDITOR_CACHE_DIR": str(session_media_root.parent / "activation-cache"),
+            # Cost-model fits and other worker state of the test run stay out of the repository's var/.
+            "EDITOR_VAR_DIR": str(session_media_root.parent / "worker-var"),
             "PYTHONUNBUFFERED": "1",
         }
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -82,6 +83,10 @@ class CostModel:
         with self._lock:
             return self._fit
 
+    def step_samples(self) -> list[tuple[float, float]]:
+        with self._lock:
+            return list(self._steps)
+
     def record_step(self, tokens: float, seconds_per_step: float) -> None:
         if tokens <= 0 or seconds_per_step <= 0:
             return
@@ -114,7 +119,8 @@ class CostModel:
                        "saved_at": time.time()}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            staging = self.path.with_suffix(".tmp")
+            # Job threads and processes of one machine may save at once; each writes its own staging file.
+            staging = self.path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
             staging.write_text(json.dumps(payload))
             staging.replace(self.path)
         except OSError:

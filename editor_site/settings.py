@@ -241,9 +241,11 @@ if EDITOR_CACHE_VARIANT not in ("kv", "hidden"):
     raise ImproperlyConfigured(f"EDITOR_CACHE_VARIANT={EDITOR_CACHE_VARIANT!r} must be 'kv' or 'hidden'.")
 # Off: every job runs the stock pipeline on all tokens and no warm-up is queued (a baseline for benchmarks).
 EDITOR_CACHE_ENABLED = env_bool("EDITOR_CACHE_ENABLED", True)
-# Step-level batching: the most requests one engine step runs, and the most tokens it packs. A batch of 1
-# runs requests one at a time.
-EDITOR_ENGINE_MAX_BATCH = env_int("EDITOR_ENGINE_MAX_BATCH", 4, minimum=1)
+# Step-level batching: the most requests one engine step runs, and the most tokens it packs. Above 1 a
+# worker runs that many job threads (Celery's threads pool) around one engine; 1 (the default) keeps the
+# prefork pool, one job per process at a time, whose time limits and broker-restart recovery the fault
+# tests cover (docs/reliability.md).
+EDITOR_ENGINE_MAX_BATCH = env_int("EDITOR_ENGINE_MAX_BATCH", 1, minimum=1)
 EDITOR_ENGINE_TOKEN_BUDGET = env_int("EDITOR_ENGINE_TOKEN_BUDGET", 16384, minimum=1)
 # "bucket": queues by mask-ratio bucket. "cost": each job goes to the live worker predicted to finish it
 # first, counting its queue, its cost model and whether it holds the template's cache.

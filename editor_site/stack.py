@@ -65,12 +65,28 @@ def start_embedded_redis(var_dir: Path) -> tuple[subprocess.Popen, str]:
     return process, f"redis://127.0.0.1:{port}/0"
 
 
-def worker_command(queues: list[str], *, name: str = "worker", concurrency: int = 1) -> list[str]:
+def worker_command(
+    queues: list[str], *, name: str = "worker", concurrency: int = 1, batch: int | None = None
+) -> list[str]:
+    """The Celery worker command line.
+
+    With step-level batching (`batch`, default EDITOR_ENGINE_MAX_BATCH, above 1) one process runs `batch` job
+    threads that share its batching engine (threads pool); otherwise `concurrency` prefork children each
+    run one job at a time.
+    """
+    batch = batch if batch is not None else _engine_max_batch()
+    pool, processes = ("threads", batch) if batch > 1 else ("prefork", concurrency)
     return [
         sys.executable, "-m", "celery", "-A", "editor_site", "worker",
-        "-Q", ",".join(queues), "-n", f"{name}@%h", "--pool", "prefork",
-        "--concurrency", str(concurrency), "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+        "-Q", ",".join(queues), "-n", f"{name}@%h", "--pool", pool,
+        "--concurrency", str(processes), "--loglevel", "INFO", "--without-gossip", "--without-mingle",
     ]
+
+
+def _engine_max_batch() -> int:
+    from django.conf import settings
+
+    return int(settings.EDITOR_ENGINE_MAX_BATCH)
 
 
 @dataclass

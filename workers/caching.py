@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,11 +193,15 @@ def warm_template(
     *,
     settings: RunnerSettings,
     on_step: StepCallback | None = None,
+    keep_alive: Callable[[], None] | None = None,
 ) -> WarmupOutcome:
-    """Run the full warm-up inference on the template and store its activations under ``key``."""
+    """Run the full warm-up inference on the template and store its activations under ``key``.
+
+    `keep_alive` is called every few seconds while the warm-up waits for the model.
+    """
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    with model.lock:
+    with model.hold(keep_alive):
         activations = model.family.warm_up(
             model.pipe,
             np.asarray(template.image),

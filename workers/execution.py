@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from dataclasses import replace
+from datetime import timedelta
 
 import numpy as np
 from celery.exceptions import SoftTimeLimitExceeded
@@ -67,6 +68,14 @@ def storage_error_message(error: OSError) -> str:
     )
 
 
+class JobTimedOut(SoftTimeLimitExceeded):
+    """The job ran past its soft time limit, noticed at a step boundary.
+
+    Celery raises SoftTimeLimitExceeded itself only in the prefork pool; the threads pool that the batching
+    engine needs has no time limits, so the step callback enforces the same limit there.
+    """
+
+
 class StepReporter:
     """Stores per-step progress of an edit job and raises ``JobCancelled`` once a cancel was requested.
 
@@ -74,21 +83,36 @@ class StepReporter:
     warm-up run before the edit fills the first half and the edit the second.
     """
 
-    def __init__(self, job_id: uuid.UUID, *, start: float = 0.0, span: float = 1.0) -> None:
+    def __init__(
+        self, job_id: uuid.UUID, *, start: float = 0.0, span: float = 1.0, deadline: float | None = None
+    ) -> None:
         self.job_id = job_id
         self.start = start
         self.span = span
+        self.deadline = deadline  # time.monotonic() after which the job times out, at a step boundary
         self.last_write = 0.0
+        self.fraction = start
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
+        if self.deadline is not None and now > self.deadline and done < total:
+            raise JobTimedOut(f"job {self.job_id} passed its time limit at step {done}/{total}")
         if done < total and now - self.last_write < PROGRESS_MIN_INTERVAL_S:
             return
         self.last_write = now
         # The last step is reported as 99%: decoding and storing still follow.
-        fraction = min(self.start + self.span * done / max(total, 1), 0.99)
-        if not jobstate.report_progress(self.job_id, fraction) or jobstate.is_cancel_requested(self.job_id):
+        self.fraction = min(self.start + self.span * done / max(total, 1), 0.99)
+        if not jobstate.report_progress(self.job_id, self.fraction) or jobstate.is_cancel_requested(self.job_id):
             raise JobCancelled(f"job {self.job_id} was cancelled at step {done}/{total}")
+
+    def keep_alive(self) -> None:
+        """Refresh the job's row while it waits for the model, so it does not look abandoned; honour a cancel.
+
+        In the threads pool several claimed jobs of one worker wait for the model while another runs.
+        """
+        self.last_write = time.monotonic()
+        if not jobstate.report_progress(self.job_id, self.fraction) or jobstate.is_cancel_requested(self.job_id):
+            raise JobCancelled(f"job {self.job_id} was cancelled while waiting for the model")
 
 
 def read_png(field_file) -> np.ndarray:
@@ -196,8 +220,8 @@ def execute_job(
     # A running job is taken over only when its previous worker is gone: the broker redelivered the
     # message, or the job has written no progress for EDITOR_STALE_RUNNING_S. A duplicate message of a
     # job that is running elsewhere is otherwise a no-op.
-    stale = (timezone.now() - job.updated_at).total_seconds() > settings.EDITOR_STALE_RUNNING_S
-    if not jobstate.claim(job.pk, worker=worker, allow_restart=redelivered or stale):
+    silent_before = timezone.now() - timedelta(seconds=settings.EDITOR_STALE_RUNNING_S)
+    if not jobstate.claim(job.pk, worker=worker, allow_restart=redelivered, silent_before=silent_before):
         logger.info("job %s could not be claimed (status %s); skipping", job_id, job.status)
         return
     if job.status == JobStatus.RUNNING:
@@ -223,7 +247,10 @@ def run_claimed_job(job: EditJob, *, worker: str, soft_time_limit_s: float | Non
     job_id = str(job.pk)
     timings: dict[str, float] = {}
     try:
-        result, decision = run_job_shrinking_on_oom(job, timings, worker=worker)
+        limit_s = soft_time_limit_s or settings.EDITOR_JOB_SOFT_TIME_LIMIT_S
+        result, decision = run_job_shrinking_on_oom(
+            job, timings, worker=worker, deadline=time.monotonic() + limit_s
+        )
         start = time.perf_counter()
         png = imaging.encode_png(result.image)
         try:
@@ -286,7 +313,7 @@ def run_claimed_job(job: EditJob, *, worker: str, soft_time_limit_s: float | Non
     )
 
 
-def run_job_shrinking_on_oom(job: EditJob, timings: dict[str, float], *, worker: str):
+def run_job_shrinking_on_oom(job: EditJob, timings: dict[str, float], *, worker: str, deadline: float | None = None):
     """Run the job; after an out-of-memory error retry once at a quarter of the working pixels.
 
     Raises JobOutOfMemory when the retry runs out of memory too.
@@ -294,7 +321,7 @@ def run_job_shrinking_on_oom(job: EditJob, timings: dict[str, float], *, worker:
     runner_settings = RunnerSettings.from_env()
     oom_errors = out_of_memory_errors()
     try:
-        return run_job(job, timings, runner_settings, worker=worker)
+        return run_job(job, timings, runner_settings, worker=worker, deadline=deadline)
     except oom_errors as error:
         smaller = replace(
             runner_settings,
@@ -307,7 +334,7 @@ def run_job_shrinking_on_oom(job: EditJob, timings: dict[str, float], *, worker:
     release_accelerator_memory()
     timings.clear()
     try:
-        return run_job(job, timings, smaller, worker=worker)
+        return run_job(job, timings, smaller, worker=worker, deadline=deadline)
     except oom_errors as error:
         release_accelerator_memory()
         raise JobOutOfMemory(
@@ -318,7 +345,8 @@ def run_job_shrinking_on_oom(job: EditJob, timings: dict[str, float], *, worker:
 
 
 def run_job(
-    job: EditJob, timings: dict[str, float], runner_settings: RunnerSettings | None = None, *, worker: str
+    job: EditJob, timings: dict[str, float], runner_settings: RunnerSettings | None = None, *, worker: str,
+    deadline: float | None = None,
 ):
     """Read the job's inputs, pick the cache path and run the edit; fills ``timings`` in place."""
     runner_settings = runner_settings or RunnerSettings.from_env()
@@ -364,10 +392,12 @@ def run_job(
     publish_state(worker)
 
     activations = decision.activations
-    edit_progress = StepReporter(job.pk)
+    edit_progress = StepReporter(job.pk, deadline=deadline)
     if decision.outcome == CacheOutcome.MISS_WARM_FIRST:
+        warm_progress = StepReporter(job.pk, span=0.5, deadline=deadline)
         outcome = caching.warm_template(
-            model, template, key, settings=runner_settings, on_step=StepReporter(job.pk, span=0.5)
+            model, template, key, settings=runner_settings, on_step=warm_progress,
+            keep_alive=warm_progress.keep_alive,
         )
         timings.update(outcome.timings_ms)
         activations = outcome.activations
@@ -376,7 +406,7 @@ def run_job(
             cache_key=key.digest(), cache_bytes=outcome.nbytes, tier=outcome.tier, timings=outcome.timings_ms,
             worker=worker,
         )
-        edit_progress = StepReporter(job.pk, start=0.5, span=0.5)
+        edit_progress = StepReporter(job.pk, start=0.5, span=0.5, deadline=deadline)
 
     request = EditRequest(
         image=image, mask=mask, prompt=job.prompt, seed=job.seed, steps=job.steps, guidance=job.guidance
@@ -385,7 +415,7 @@ def run_job(
         result = run_edit(
             model, request, on_step=edit_progress, settings=runner_settings, activations=activations,
             block_source=decision.streamed.source if decision.streamed else None,
-            full_prefix_blocks=decision.full_prefix_blocks,
+            full_prefix_blocks=decision.full_prefix_blocks, keep_alive=edit_progress.keep_alive,
         )
     finally:
         decision.close()
@@ -416,10 +446,16 @@ def execute_warmup(warmup_id: int, *, worker: str) -> None:
             seed=warmup.seed, guidance=warmup.guidance, variant=warmup.variant, settings=runner_settings,
         )
 
-        def report(done: int, total: int) -> None:
-            warmups.report_progress(warmup.pk, min(done / max(total, 1), 0.99))
+        progress = [0.0]
 
-        outcome = caching.warm_template(model, template, key, settings=runner_settings, on_step=report)
+        def report(done: int, total: int) -> None:
+            progress[0] = min(done / max(total, 1), 0.99)
+            warmups.report_progress(warmup.pk, progress[0])
+
+        outcome = caching.warm_template(
+            model, template, key, settings=runner_settings, on_step=report,
+            keep_alive=lambda: warmups.report_progress(warmup.pk, progress[0]),
+        )
     except Exception as error:  # noqa: BLE001 - a failed warm-up only costs later jobs their cache hit
         logger.exception("warm-up %s of template %s failed", warmup_id, warmup.template_id)
         warmups.fail(warmup.pk, error=f"{type(error).__name__}: {error}")

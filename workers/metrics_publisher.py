@@ -7,6 +7,7 @@ import logging
 import redis
 
 from editor_site import redis_keys
+from workers.batching import engines
 from workers.template_cache import get_store
 from workers.worker_state import loaded_cost_models
 
@@ -21,6 +22,8 @@ def publish_metrics(hostname: str) -> None:
     text = get_store().metrics.render_prometheus()
     for name, model in loaded_cost_models().items():
         text += model.render_prometheus(name)
+    for name, engine in engines().items():
+        text += engine.stats.render_prometheus(name)
     try:
         redis_keys.client().set(redis_keys.worker_metrics_key(hostname), text, ex=SNAPSHOT_TTL_S)
     except (redis.RedisError, ValueError):

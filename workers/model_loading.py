@@ -6,6 +6,8 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,9 @@ DEFAULT_VAR_DIR = Path(__file__).resolve().parent.parent / "var"
 CONFIG_SUFFIXES = frozenset({".json", ".txt", ".model"})
 WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"})
 
+# A job waiting for the pipeline refreshes its row this often, well inside EDITOR_STALE_RUNNING_S.
+KEEP_ALIVE_S = 2.0
+
 _model_lock = threading.Lock()
 _process_models: dict[str, LoadedModel] = {}
 
@@ -41,6 +46,17 @@ class LoadedModel:
     name: str = "flux"  # the EDITOR_MODELS name jobs use
     # Serialises pipeline calls, because the scheduler keeps per-call state (timesteps, step index).
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @contextmanager
+    def hold(self, keep_alive: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold the pipeline's lock; while waiting for it call `keep_alive` every KEEP_ALIVE_S seconds."""
+        while not self.lock.acquire(timeout=KEEP_ALIVE_S):
+            if keep_alive is not None:
+                keep_alive()
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     @property
     def token_pixels(self) -> int:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from editing.imaging import composite, crop_to, dilate, feather_alpha, fit_working_size, pad_to_multiple
+from workers import batching
 from workers.masked.activations import BlockCacheSource, TemplateActivations
 from workers.model_loading import LoadedModel
 
@@ -94,6 +96,7 @@ def run_edit(
     activations: TemplateActivations | None = None,
     block_source: BlockCacheSource | None = None,
     full_prefix_blocks: int = 0,
+    keep_alive: Callable[[], None] | None = None,
 ) -> EditResult:
     """Regenerate the masked region of `request.image` with the model's stock pipeline.
 
@@ -103,7 +106,8 @@ def run_edit(
     With `activations` (a warm-up of this template at the same working size, seed, steps and guidance)
     only the masked tokens are computed and the rest is read from the cache: from `block_source` when
     given (a loader streaming blocks from disk), with the first `full_prefix_blocks` blocks of each step
-    computed in full while later blocks load.
+    computed in full while later blocks load. `keep_alive` is called every few seconds while the edit
+    waits for another run to release the model.
     Raises ValueError for malformed requests and lets JobCancelled from `on_step` propagate.
     """
     settings = settings or RunnerSettings.from_env()
@@ -115,13 +119,22 @@ def run_edit(
     inputs = prepare_working_inputs(request.image, request.mask, settings.max_work_pixels, model.working_multiple)
     timings["preprocess"] = _elapsed_ms(start)
 
-    with model.lock, timed_decode(model.pipe) as decode_ms:
+    batched = activations is not None and not full_prefix_blocks and batching.batching_enabled(model)
+    # The batching engine takes the model's lock for each of its steps; every other run holds it throughout.
+    with (nullcontext() if batched else model.hold(keep_alive)), timed_decode(model.pipe) as decode_ms:
         start = time.perf_counter()
         if activations is None:
             generated = model.family.stock_edit(
                 model.pipe, inputs.image, inputs.mask, request.prompt, seed=request.seed, steps=request.steps,
                 guidance_scale=request.guidance, max_sequence_length=settings.max_sequence_length, on_step=on_step,
             )
+        elif batched:
+            generated = batching.masked_edit(
+                model, activations, np.asarray(inputs.image), np.asarray(inputs.mask) > 127, request.prompt,
+                seed=request.seed, steps=request.steps, guidance_scale=request.guidance,
+                max_sequence_length=settings.max_sequence_length, dilation=settings.dilation_tokens,
+                on_step=on_step, block_source=block_source,
+            ).generated
         else:
             generated = _masked(model, request, inputs, settings, activations, on_step, block_source, full_prefix_blocks)
         total_ms = _elapsed_ms(start)
@@ -214,25 +227,35 @@ def _masked(
     return output.generated
 
 
+_decode_clock = threading.local()
+
+
 @contextmanager
 def timed_decode(pipe: Any) -> Iterator[list[float]]:
-    """Measure the milliseconds spent in `pipe.vae.decode` inside the block (every family decodes through it)."""
-    spent = [0.0]
+    """Measure the milliseconds this thread spends in `pipe.vae.decode` inside the block.
+
+    Every family decodes through `pipe.vae.decode`. It is wrapped once per VAE with a timer that adds to a
+    per-thread total, so job threads decoding at the same time each see only their own time.
+    """
     vae = pipe.vae
-    original = vae.decode
+    if not getattr(vae, "_editor_decode_timer", False):
+        original = vae.decode
 
-    def decode(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            spent[0] += _elapsed_ms(start)
+        def decode(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                _decode_clock.ms = getattr(_decode_clock, "ms", 0.0) + _elapsed_ms(start)
 
-    vae.decode = decode
+        vae.decode = decode
+        vae._editor_decode_timer = True
+    before = getattr(_decode_clock, "ms", 0.0)
+    spent = [0.0]
     try:
         yield spent
     finally:
-        del vae.decode  # the instance attribute hid the class method; removing it restores the original
+        spent[0] = getattr(_decode_clock, "ms", 0.0) - before
 
 
 def _elapsed_ms(start: float) -> float:

@@ -40,7 +40,8 @@ class Engine:
     """Batching runner of masked denoising requests on one FluxFillPipeline, one transformer pass per step.
 
     `token_budget` caps the text plus masked image tokens of the active requests in one pass. Drive it with
-    `step()` / `run_until_idle()`, or with a background thread via `start()` / `stop()`.
+    `step()` / `run_until_idle()`, or with a background thread via `start()` / `stop()`. `pipeline_lock` is
+    held during every step.
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class Engine:
         *,
         token_budget: int = DEFAULT_TOKEN_BUDGET,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        pipeline_lock: threading.Lock | None = None,
     ) -> None:
         if token_budget < 1 or max_batch_size < 1:
             raise ValueError(f"token_budget and max_batch_size must be >= 1, got {token_budget} and {max_batch_size}.")
@@ -60,7 +62,9 @@ class Engine:
         self._active: list[RequestState] = []
         self._layout: BatchLayout | None = None
         self._condition = threading.Condition()
-        self._step_lock = threading.Lock()
+        # Held for each whole step. Callers that run the same pipeline outside the engine (stock runs,
+        # warm-ups) pass the lock they hold meanwhile, so the two never interleave.
+        self._step_lock = pipeline_lock or threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
 

@@ -66,3 +66,27 @@ class EngineStats:
     def median_overhead_ms(self) -> float:
         overhead = self.overhead_s
         return 1000 * statistics.median(overhead) if overhead else 0.0
+
+    def render_prometheus(self, model: str) -> str:
+        """Gauges over the recorded steps, for the worker's /metrics snapshot."""
+        samples = self.samples()
+        if not samples:
+            return ""
+        overhead = sorted(sample.overhead_s for sample in samples)
+        values = (
+            ("editor_engine_steps", "Engine steps run", self.steps_run),
+            ("editor_engine_step_overhead_seconds_median", "Median scheduler time per step outside the "
+             "transformer pass", statistics.median(overhead)),
+            ("editor_engine_step_overhead_seconds_p95", "95th percentile of the scheduler time per step",
+             overhead[min(len(overhead) - 1, int(0.95 * len(overhead)))]),
+            ("editor_engine_step_compute_seconds_median", "Median transformer time per step",
+             statistics.median(sample.compute_s for sample in samples)),
+            ("editor_engine_batch_size_mean", "Mean requests per step", statistics.fmean(s.batch_size for s in samples)),
+            ("editor_engine_batch_size_max", "Most requests in one step", max(s.batch_size for s in samples)),
+            ("editor_engine_tokens_per_step_mean", "Mean tokens packed per step",
+             statistics.fmean(s.tokens for s in samples)),
+        )
+        lines = []
+        for name, help_text, value in values:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f'{name}{{model="{model}"}} {value:.9g}']
+        return "\n".join(lines) + "\n"

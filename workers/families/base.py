@@ -54,7 +54,7 @@ class ModelFamily(ABC):
 
     def load(self, folder: Path | str, *, dtype: torch.dtype, device: torch.device) -> Any:
         """Load the pipeline with the stock `from_pretrained`, so real checkpoints load the same way."""
-        pipe = self.pipeline_class.from_pretrained(folder, torch_dtype=dtype)
+        pipe = self.pipeline_class.from_pretrained(folder, dtype=dtype)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         return pipe

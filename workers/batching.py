@@ -1,0 +1,95 @@
+"""Masked Flux edits through the process's step-level batching engine.
+
+With EDITOR_ENGINE_MAX_BATCH above 1 the worker runs Celery's threads pool with that many job threads. Each
+thread prepares its job (prompt and VAE encoding), hands the masked denoising to the one engine of its
+model and decodes the result, so encoding and decoding overlap the engine's steps instead of stalling them.
+Stock runs and warm-ups hold the model's lock, which the engine takes for each step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+from django.conf import settings
+
+from workers.engine import Engine, EngineRequest
+from workers.families.base import MaskedOutput, StepCallback
+from workers.masked.activations import BlockCacheSource, TemplateActivations
+from workers.masked.conditioning import encode_prompt
+from workers.masked.edit import decode_latents, mask_to_pil
+from workers.masked.inference import prepare_masked_inputs
+from workers.masked.token_layout import TokenLayout
+from workers.masked.warmup import to_pil_image
+from workers.model_loading import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_engines: dict[str, Engine] = {}
+
+
+def batching_enabled(model: LoadedModel) -> bool:
+    """Whether this model's masked jobs go through the engine (it serves Flux Fill)."""
+    return settings.EDITOR_ENGINE_MAX_BATCH > 1 and model.family.name == "flux"
+
+
+def get_engine(model: LoadedModel) -> Engine:
+    """The running engine of `model` in this process, started on first use."""
+    with _lock:
+        engine = _engines.get(model.name)
+        if engine is None:
+            engine = Engine(
+                model.pipe, token_budget=settings.EDITOR_ENGINE_TOKEN_BUDGET,
+                max_batch_size=settings.EDITOR_ENGINE_MAX_BATCH, pipeline_lock=model.lock,
+            )
+            engine.start()
+            _engines[model.name] = engine
+            logger.info(
+                "batching engine of %s started: up to %d requests, %d tokens per step",
+                model.name, engine.max_batch_size, engine.token_budget,
+            )
+        return engine
+
+
+def engines() -> dict[str, Engine]:
+    with _lock:
+        return dict(_engines)
+
+
+def masked_edit(
+    model: LoadedModel,
+    activations: TemplateActivations,
+    image: np.ndarray,
+    mask: np.ndarray,
+    prompt: str,
+    *,
+    seed: int,
+    steps: int,
+    guidance_scale: float,
+    max_sequence_length: int,
+    dilation: int,
+    on_step: StepCallback | None = None,
+    block_source: BlockCacheSource | None = None,
+) -> MaskedOutput:
+    """Prepare, denoise in the shared engine and decode one masked edit; exceptions of `on_step` propagate."""
+    pipe = model.pipe
+    layout = TokenLayout.from_pixel_mask(np.asarray(mask, dtype=bool), patch=model.token_pixels, dilation=dilation)
+    embedding = encode_prompt(pipe, prompt, max_sequence_length)
+    inputs = prepare_masked_inputs(
+        pipe, to_pil_image(image), mask_to_pil(mask), embedding, layout,
+        seed=seed, steps=steps, guidance_scale=guidance_scale,
+    )
+    handle = get_engine(model).submit(
+        EngineRequest(inputs=inputs, activations=activations, block_source=block_source, on_step=on_step)
+    )
+    # A cancel or time limit raises in `on_step` on the engine thread, which retires the request and hands
+    # that exception to `result`.
+    try:
+        latents = handle.result()
+    except BaseException:
+        handle.cancel()  # an interrupted job thread leaves no orphan request in the batch
+        raise
+    generated = decode_latents(pipe, latents, inputs.height, inputs.width)
+    return MaskedOutput(generated=generated, latents=latents)

@@ -5,7 +5,7 @@ For every live worker that serves the job's model, the predicted finish is
     wait = time until its running job ends (its published ``busy_until``)
          + predicted seconds of the jobs already routed to it and not yet started (its backlog)
     run  = steps x step seconds from its fitted cost model, at the tokens the job will compute there:
-           text + masked tokens where it holds the template's cache, plus the load time when that cache is on
+           text + masked tokens where its cache contains the template, plus the load time when that entry is on
            its disk tier; text + all image tokens where it does not (the job runs in full and warms the cache)
 
 and the job goes to the worker's own queue with the smallest ``wait + run``. The prediction is added to
@@ -105,8 +105,11 @@ def candidates(shape: JobShape) -> list[Candidate]:
         return []
     try:
         client = redis_keys.client()
-        loads = client.mget([redis_keys.worker_load_key(worker.hostname) for worker in serving])
-        backlogs = [client.hvals(redis_keys.worker_backlog_key(worker.hostname)) for worker in serving]
+        pipe = client.pipeline(transaction=False)
+        pipe.mget([redis_keys.worker_load_key(worker.hostname) for worker in serving])
+        for worker in serving:
+            pipe.hvals(redis_keys.worker_backlog_key(worker.hostname))
+        loads, *backlogs = pipe.execute()
     except (redis.RedisError, ValueError):
         logger.warning("could not read worker loads; routing by bucket", exc_info=True)
         return []

@@ -1,7 +1,7 @@
-"""What a worker's job process tells the router: when it will be free, its cost fits and which caches it holds.
+"""A worker's load record for the router: when its job process will be free, its cost fits and its caches.
 
-The heartbeat (workers/heartbeat.py) says a worker is alive and which models it serves; this record, written
-by the process that runs the jobs, says how fast it is and what it holds. The ``cost`` routing policy
+The heartbeat (workers/heartbeat.py) marks a worker alive and lists the models it serves. This record, written
+by the process that runs the jobs, contains its fitted speed and its cache entries. The ``cost`` routing policy
 (editing/cost_routing.py) reads both, plus the backlog of jobs already routed to the worker and not yet
 started, which submitters add to and this process removes from when it takes a job.
 """

@@ -1,0 +1,80 @@
+"""SD3 and the UNet families through the worker's own path: load by name, warm up, store, hit, edit, composite."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from editing.imaging import dilate, read_template
+from editing.models import CacheOutcome
+from tests.conftest import PHOTOS
+from workers import caching, template_cache
+from workers.families import get_family
+from workers.model_loading import load_model
+from workers.runner import EditRequest, RunnerSettings, prepare_working_inputs, run_edit
+
+STEPS = 2
+SETTINGS = RunnerSettings(max_sequence_length=16)
+
+
+@pytest.fixture
+def store(monkeypatch, tmp_path):
+    monkeypatch.setenv("EDITOR_CACHE_DIR", str(tmp_path / "cache"))
+    template_cache.reset_store()
+    yield template_cache.get_store()
+    template_cache.reset_store()
+
+
+@pytest.fixture(scope="module")
+def template() -> np.ndarray:
+    image = read_template((PHOTOS / "chelsea.png").read_bytes(), max_pixels=10**7, max_bytes=10**8)
+    return np.ascontiguousarray(image[:128, :192])
+
+
+@pytest.fixture(scope="module", params=["sd3", "sd2", "sdxl"])
+def model(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"{request.param}-test")
+    get_family(request.param).build_demo(folder, "test")
+    return load_model(str(folder), var_dir=folder.parent, family=request.param, name=f"{request.param}-test")
+
+
+def test_warmed_template_serves_masked_edit(model, store, template):
+    inputs = caching.working_template(model, template, SETTINGS)
+    key = caching.job_cache_key(
+        model, inputs, template_hash=f"hash-{model.name}", steps=STEPS, seed=0, guidance=5.0,
+        variant=model.family.variants[0], settings=SETTINGS,
+    )
+    outcome = caching.warm_template(model, inputs, key, settings=SETTINGS)
+    assert outcome.nbytes > 0
+
+    decision = caching.decide(model, key, 0.3, pending_same_key=0)
+    assert decision.outcome == CacheOutcome.HIT
+    assert decision.activations.metadata.num_steps == STEPS
+
+    mask = np.zeros(template.shape[:2], dtype=bool)
+    mask[40:80, 60:120] = True
+    steps_seen: list[int] = []
+    request = EditRequest(image=template, mask=mask, prompt="a red ball", seed=0, steps=STEPS, guidance=5.0)
+    result = run_edit(
+        model, request, on_step=lambda done, total: steps_seen.append(done), settings=SETTINGS,
+        activations=decision.activations,
+    )
+
+    assert result.image.shape == template.shape
+    assert steps_seen == list(range(1, STEPS + 1))
+    outside = ~dilate(mask, SETTINGS.keep_px)
+    assert np.array_equal(result.image[outside], template[outside])
+    assert not np.array_equal(result.image[mask], template[mask])
+    assert {"preprocess", "denoise", "decode", "composite"} <= set(result.timings_ms)
+
+
+def test_flop_fraction_comes_from_the_family(model, template):
+    mask = np.zeros(template.shape[:2], dtype=bool)
+    mask[40:80, 60:120] = True
+    variant = model.family.variants[0]
+    small = prepare_working_inputs(template, mask, SETTINGS.max_work_pixels, model.working_multiple)
+    full = prepare_working_inputs(template, np.ones_like(mask), SETTINGS.max_work_pixels, model.working_multiple)
+
+    fraction = caching.masked_flop_fraction(model, small, variant=variant, settings=SETTINGS)
+    assert 0 < fraction < 1
+    assert caching.masked_flop_fraction(model, full, variant=variant, settings=SETTINGS) == pytest.approx(1.0)

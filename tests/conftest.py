@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -135,18 +136,12 @@ def wait_for_worker(queues: list[str], timeout_s: float = 60.0) -> None:
     raise TimeoutError(f"no worker consumed {queues} within {timeout_s:.0f} s")
 
 
-@pytest.fixture(scope="session")
-def celery_worker_session(worker_env: dict[str, str], tmp_path_factory):
-    """A real Celery worker process (prefork pool) serving every bucket queue, shared by the test run."""
-    from editing.routing import all_queues
-    from editor_site.stack import worker_command
-
-    queues = all_queues()
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+@contextmanager
+def running_worker(command: list[str], env: dict[str, str], queues: list[str], log_path: Path):
+    """Start a Celery worker process, wait until it consumes `queues`, and stop it afterwards."""
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            worker_command(queues, name=f"test-{uuid.uuid4().hex[:8]}"),
-            cwd=ROOT, env=worker_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
         wait_for_worker(queues)
@@ -159,6 +154,29 @@ def celery_worker_session(worker_env: dict[str, str], tmp_path_factory):
             process.kill()
             process.wait()
         sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
+
+
+@pytest.fixture(scope="session")
+def celery_worker_session(worker_env: dict[str, str], tmp_path_factory):
+    """A real Celery worker process (prefork pool) serving every bucket queue, shared by the test run."""
+    from editing.routing import all_queues
+    from editor_site.stack import worker_command
+
+    queues = all_queues()
+    command = worker_command(queues, name=f"test-{uuid.uuid4().hex[:8]}")
+    with running_worker(command, worker_env, queues, tmp_path_factory.mktemp("worker") / "worker.log") as process:
+        yield process
+
+
+@pytest.fixture
+def cache_store(monkeypatch, tmp_path):
+    """A fresh activation store of this process, with its disk tier under the test's directory."""
+    from workers import template_cache
+
+    monkeypatch.setenv("EDITOR_CACHE_DIR", str(tmp_path / "cache"))
+    template_cache.reset_store()
+    yield template_cache.get_store()
+    template_cache.reset_store()
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ prefork worker serving it as "flux", so both run the same template, masks and se
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 import time
 import uuid
 
@@ -21,7 +19,7 @@ from editing.catalog import parse_models
 from editing.models import CacheWarmup
 from editor_site import redis_keys
 from editor_site.stack import worker_command
-from tests.conftest import PHOTOS, ROOT, png_bytes, wait_for_worker
+from tests.conftest import PHOTOS, png_bytes, running_worker
 from tests.test_e2e_worker import poll_until_final
 
 STEPS = 30
@@ -39,24 +37,10 @@ def batching_worker(worker_env, test_model_path, tmp_path_factory):
     from editing.routing import model_queues
 
     queues = model_queues("batch")
-    name = f"batch-{uuid.uuid4().hex[:8]}"
+    command = worker_command(queues, name=f"batch-{uuid.uuid4().hex[:8]}", batch=4)
     log_path = tmp_path_factory.mktemp("batching-worker") / "worker.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            worker_command(queues, name=name, batch=4), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        wait_for_worker(queues)
-        yield name
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        sys.stderr.write(log_path.read_text(errors="replace")[-3000:])
+    with running_worker(command, env, queues, log_path):
+        yield command[command.index("-n") + 1].split("@")[0]
 
 
 def stroke(rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
@@ -125,3 +109,18 @@ def test_batched_jobs_share_steps_and_match_unbatched_results(
     )
     assert max_batch >= 2, metrics
     assert "editor_engine_step_overhead_seconds_median" in metrics
+
+
+
+def test_step_callback_enforces_the_soft_time_limit():
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from workers.execution import JobTimedOut, StepReporter
+
+    # The threads pool has no Celery time limits, so the step callback, which the engine calls after
+    # every step of the request, raises once the deadline has passed; an exception there ends only that
+    # request (tests/test_engine.py), and the job fails with the time-limit message.
+    reporter = StepReporter(uuid.uuid4(), deadline=time.monotonic() - 1.0)
+    with pytest.raises(JobTimedOut):
+        reporter(3, 10)
+    assert issubclass(JobTimedOut, SoftTimeLimitExceeded)

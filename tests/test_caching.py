@@ -23,11 +23,8 @@ def model(test_model_path):
 
 
 @pytest.fixture
-def store(monkeypatch, tmp_path):
-    monkeypatch.setenv("EDITOR_CACHE_DIR", str(tmp_path / "cache"))
-    template_cache.reset_store()
-    yield template_cache.get_store()
-    template_cache.reset_store()
+def store(cache_store):
+    return cache_store
 
 
 @pytest.fixture(scope="module")

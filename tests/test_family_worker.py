@@ -8,7 +8,7 @@ import pytest
 from editing.imaging import dilate, read_template
 from editing.models import CacheOutcome
 from tests.conftest import PHOTOS
-from workers import caching, template_cache
+from workers import caching
 from workers.families import get_family
 from workers.model_loading import load_model
 from workers.runner import EditRequest, RunnerSettings, prepare_working_inputs, run_edit
@@ -18,11 +18,8 @@ SETTINGS = RunnerSettings(max_sequence_length=16)
 
 
 @pytest.fixture
-def store(monkeypatch, tmp_path):
-    monkeypatch.setenv("EDITOR_CACHE_DIR", str(tmp_path / "cache"))
-    template_cache.reset_store()
-    yield template_cache.get_store()
-    template_cache.reset_store()
+def store(cache_store):
+    return cache_store
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,10 @@ Model:
   worker's cache, evicting the least recently used one.
 * Routing policies: `round_robin` cycles through the workers. `least_requests` picks the fewest
   unfinished jobs, and `least_tokens` the fewest unfinished masked tokens. `cost` picks the lowest
-  predicted finish time and predicts every job as a hit. `cost_affinity` does the same, but predicts
-  the miss time on a worker whose cache lacks the job's template.
+  predicted finish time: a started job counts with the finish its worker published after its cache
+  decision, and a waiting job with its expected time at the hit rate observed so far (the router does
+  not know which templates a worker caches). `cost_affinity` also knows the workers' cache contents,
+  as the service's `cost` policy does, so it predicts hits and misses exactly, the new job's included.
 
 A worker's cache contents when a job starts depend only on the templates of the jobs assigned to it
 before, because each worker runs its jobs in assignment order. So the hit or miss of a job is known
@@ -158,9 +160,8 @@ class WorkerState:
         self.cache_entries = cache_entries
         self.lru = LruPolicy()
         self.resident: set[str] = set()
-        # (start_s, predicted_s, masked_tokens) of unfinished jobs in FIFO order; the first one is running.
-        self.unfinished: deque[tuple[float, float, int]] = deque()
-        self.predicted_s = 0.0  # sum of predicted seconds of the unfinished jobs
+        # (start_s, predicted_s, service_s, masked_tokens) of unfinished jobs in FIFO order.
+        self.unfinished: deque[tuple[float, float, float, int]] = deque()
         self.masked_tokens = 0  # sum of masked tokens of the unfinished jobs
         self.free_at_s = 0.0  # finish time of the last assigned job
 
@@ -168,12 +169,15 @@ class WorkerState:
         return _key(template) in self.resident
 
     def backlog_s(self, now_s: float) -> float:
-        """Return the predicted seconds until this worker is free, as the router predicted each job."""
-        if not self.unfinished:
-            return 0.0
-        start_s, predicted_s, _ = self.unfinished[0]
-        remaining_s = max(0.0, predicted_s - (now_s - start_s))
-        return self.predicted_s - predicted_s + remaining_s
+        """Return the predicted seconds until this worker is free.
+
+        A started job counts with its real finish, which a worker publishes once its cache decision is
+        made (workers/worker_state.py); a job still waiting counts as the router predicted it.
+        """
+        total = 0.0
+        for start_s, predicted_s, service_s, _ in self.unfinished:
+            total += max(0.0, start_s + service_s - now_s) if start_s <= now_s else predicted_s
+        return total
 
     def touch(self, template: int) -> bool:
         """Look `template` up in the cache, insert it on a miss (evicting LRU entries), and return whether it hit."""
@@ -193,8 +197,7 @@ class WorkerState:
         return False
 
     def finish_first(self) -> None:
-        _, predicted_s, masked_tokens = self.unfinished.popleft()
-        self.predicted_s -= predicted_s
+        *_, masked_tokens = self.unfinished.popleft()
         self.masked_tokens -= masked_tokens
 
 
@@ -212,6 +215,8 @@ class Cluster:
     states: list[WorkerState] = field(init=False)
     finishes: list[tuple[float, int, int]] = field(init=False)  # heap of (finish_s, job index, worker)
     next_round_robin: int = field(init=False, default=0)
+    assigned: int = field(init=False, default=0)
+    hits: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         if self.workers <= 0:
@@ -220,6 +225,11 @@ class Cluster:
             raise ValueError(f"cache_entries={self.cache_entries} is invalid; it must be > 0.")
         self.states = [WorkerState(self.cache_entries) for _ in range(self.workers)]
         self.finishes = []
+
+    def expected_service_s(self, masked_tokens: int) -> float:
+        """Service time of a job whose cache outcome is unknown, at the cluster's hit rate so far."""
+        hit_rate = self.hits / self.assigned if self.assigned else 0.5
+        return hit_rate * self.cost.service_s(masked_tokens, True) + (1 - hit_rate) * self.cost.miss_s
 
     def advance(self, now_s: float) -> None:
         """Retire every job that finished at or before `now_s`."""
@@ -256,11 +266,13 @@ class Cluster:
         start_s = max(job.arrival_s, state.free_at_s)
         finish_s = start_s + service_s
         state.free_at_s = finish_s
-        # Only cost_affinity predicts misses. The other policies predict every job as a hit.
-        predicted_s = service_s if policy == "cost_affinity" else self.cost.service_s(job.masked_tokens, hit=True)
-        state.unfinished.append((start_s, predicted_s, job.masked_tokens))
-        state.predicted_s += predicted_s
+        # cost_affinity knows where each template is cached, so it predicts hits and misses exactly; cost
+        # knows the mask but not the cache, so it predicts the expected time at the observed hit rate.
+        predicted_s = service_s if policy == "cost_affinity" else self.expected_service_s(job.masked_tokens)
+        state.unfinished.append((start_s, predicted_s, service_s, job.masked_tokens))
         state.masked_tokens += job.masked_tokens
+        self.assigned += 1
+        self.hits += int(hit)
         heapq.heappush(self.finishes, (finish_s, job.index, worker))
         return Outcome(job=job, worker=worker, hit=hit, start_s=start_s, finish_s=finish_s)
 
@@ -423,11 +435,10 @@ def write_markdown(
         )
     lines += [
         "",
-        "`cost` predicts every job as a hit. Once a running miss has run longer than its hit time, its",
-        "predicted remaining time is 0 s, so that worker looks idle and ties go to the lowest worker index.",
-        "`cost` therefore queues jobs behind running misses that `least_requests` sends to idle workers,",
-        "which shows in the `queued` column. `cost_affinity` predicts misses, and routing by template",
-        "raises the hit rate, which also lowers the load on the cluster.",
+        "`cost` sees the published finish of each running job, hit or miss, and the expected time of each",
+        "waiting one, so it avoids workers busy with a long miss that `least_requests` counts as one request",
+        "like any other. `cost_affinity` also routes by cache contents (as the service's `cost` policy does),",
+        "which raises the hit rate and so also lowers the load on the cluster.",
     ]
     path.write_text("\n".join(lines) + "\n")
 

@@ -45,20 +45,30 @@ def test_least_requests_counts_finished_jobs_as_gone() -> None:
     assert route(cluster, "least_requests", job(3, 100.0)) == 0
 
 
-def test_cost_picks_smallest_predicted_backlog() -> None:
+def test_cost_sees_running_miss_and_expected_waits() -> None:
     cluster = Cluster(workers=2, cache_entries=4, cost=COST)
-    # Worker 0: one job of 100 masked tokens, predicted 2.0 s. Worker 1: two jobs of 10 tokens,
-    # predicted 1.1 s each = 2.2 s. Fewer requests on worker 0, and fewer tokens on worker 1.
+    # Worker 0 runs one miss (10 s); worker 1 runs a miss and has a second job of template 2 waiting,
+    # which will hit (1.1 s) but which the cost router predicts at the hit rate seen so far.
     cluster.assign("cost", job(0, 0.0, template=1, masked_tokens=100), 0)
     cluster.assign("cost", job(1, 0.0, template=2, masked_tokens=10), 1)
+    expected = cluster.expected_service_s(10)
     cluster.assign("cost", job(2, 0.0, template=2, masked_tokens=10), 1)
-    # Both jobs started at 0 s as misses (10 s each). At 0.5 s the cost router predicts the remaining
-    # work from hit times: worker 0 has 2.0 - 0.5 = 1.5 s, worker 1 has 1.1 - 0.5 + 1.1 = 1.7 s.
     now_s = 0.5
-    assert cluster.states[0].backlog_s(now_s) == pytest.approx(1.5)
-    assert cluster.states[1].backlog_s(now_s) == pytest.approx(1.7)
+    assert cluster.states[0].backlog_s(now_s) == pytest.approx(9.5)
+    assert cluster.states[1].backlog_s(now_s) == pytest.approx(9.5 + expected)
     assert route(cluster, "cost", job(3, now_s, template=3)) == 0
-    assert route(cluster, "least_tokens", job(4, now_s, template=3)) == 1
+    # Once a job starts, its real service time replaces the prediction.
+    assert cluster.states[1].backlog_s(10.5) == pytest.approx(1.1 - 0.5)
+
+
+def test_expected_service_follows_hit_rate() -> None:
+    cluster = Cluster(workers=1, cache_entries=4, cost=COST)
+    assert cluster.expected_service_s(10) == pytest.approx(0.5 * 1.1 + 0.5 * 10.0)
+    cluster.assign("cost", job(0, 0.0, template=1, masked_tokens=10), 0)  # a miss
+    cluster.assign("cost", job(1, 0.0, template=1, masked_tokens=10), 0)  # a hit
+    assert cluster.expected_service_s(10) == pytest.approx(0.5 * 1.1 + 0.5 * 10.0)
+    cluster.assign("cost", job(2, 0.0, template=1, masked_tokens=10), 0)  # a hit
+    assert cluster.expected_service_s(10) == pytest.approx(2 / 3 * 1.1 + 1 / 3 * 10.0)
 
 
 def affinity_cluster() -> Cluster:

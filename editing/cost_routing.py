@@ -19,10 +19,12 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 
 import redis
+from django.conf import settings
 
 from editing import catalog, fleet
 from editing.imaging import fit_working_size
@@ -98,35 +100,86 @@ def predict(shape: JobShape, load: dict, backlog_s: float, now: float) -> tuple[
     return wait_s, run_s, tier if cached else "none"
 
 
-def candidates(shape: JobShape) -> list[Candidate]:
-    workers = fleet.live_workers() or []
-    serving = [worker for worker in workers if shape.model in worker.models]
-    if not serving:
+@dataclass
+class WorkerView:
+    """One live worker as the router last read it: models, load record and backlog seconds."""
+
+    hostname: str
+    models: tuple[str, ...]
+    load: dict
+    backlog_s: float
+
+
+_snapshot_lock = threading.Lock()
+_snapshot: tuple[float, list[WorkerView]] | None = None
+
+
+def read_fleet() -> list[WorkerView] | None:
+    """Read every live worker's heartbeat, load record and backlog from Redis; None when Redis fails."""
+    workers = fleet.live_workers()
+    if workers is None:
+        return None
+    if not workers:
         return []
     try:
-        client = redis_keys.client()
-        pipe = client.pipeline(transaction=False)
-        pipe.mget([redis_keys.worker_load_key(worker.hostname) for worker in serving])
-        for worker in serving:
+        pipe = redis_keys.client().pipeline(transaction=False)
+        pipe.mget([redis_keys.worker_load_key(worker.hostname) for worker in workers])
+        for worker in workers:
             pipe.hvals(redis_keys.worker_backlog_key(worker.hostname))
         loads, *backlogs = pipe.execute()
     except (redis.RedisError, ValueError):
         logger.warning("could not read worker loads; routing by bucket", exc_info=True)
-        return []
-    now = time.time()
-    found = []
-    for worker, raw, backlog in zip(serving, loads, backlogs):
+        return None
+    views = []
+    for worker, raw, backlog in zip(workers, loads, backlogs):
         if raw is None:
-            continue
+            continue  # no job process has published yet
         try:
             load = json.loads(raw)
-            prediction = predict(shape, load, sum(float(value) for value in backlog), now)
-        except (ValueError, KeyError, TypeError):
+            resident = load.get("resident") or {}
+            # Sets, because every decision looks a template up in every worker's list.
+            load["resident"] = {tier: set(tokens) for tier, tokens in resident.items()}
+            views.append(WorkerView(worker.hostname, worker.models, load, sum(float(value) for value in backlog)))
+        except (ValueError, KeyError, TypeError, AttributeError):
             logger.warning("ignoring the malformed load record of %s", worker.hostname)
+    return views
+
+
+def fleet_view() -> list[WorkerView]:
+    """The live workers, re-read from Redis at most every EDITOR_ROUTING_REFRESH_S seconds.
+
+    Between reads the backlog this process adds is applied to the view at once, so a burst of jobs
+    spreads over the workers instead of piling onto the one that looked idle at the last read.
+    """
+    global _snapshot
+    now = time.monotonic()
+    with _snapshot_lock:
+        if _snapshot is not None and now - _snapshot[0] < settings.EDITOR_ROUTING_REFRESH_S:
+            return _snapshot[1]
+    views = read_fleet()
+    if views is None:
+        return []
+    with _snapshot_lock:
+        _snapshot = (now, views)
+    return views
+
+
+def forget_fleet_view() -> None:
+    global _snapshot
+    with _snapshot_lock:
+        _snapshot = None
+
+
+def candidates(shape: JobShape) -> list[Candidate]:
+    now = time.time()
+    found = []
+    for view in fleet_view():
+        if shape.model not in view.models:
             continue
+        prediction = predict(shape, view.load, view.backlog_s, now)
         if prediction is not None:
             wait_s, run_s, tier = prediction
-            found.append(Candidate(worker.hostname, redis_keys.direct_queue(worker.hostname), wait_s, run_s, tier))
+            found.append(Candidate(view.hostname, redis_keys.direct_queue(view.hostname), wait_s, run_s, tier))
     return found
 
 
@@ -139,6 +192,11 @@ def choose(shape: JobShape) -> Candidate | None:
 
 
 def add_to_backlog(candidate: Candidate, job_id: str) -> None:
+    """Count the job in its worker's backlog, in Redis for every router and in this process's view."""
+    with _snapshot_lock:
+        for view in _snapshot[1] if _snapshot is not None else []:
+            if view.hostname == candidate.hostname:
+                view.backlog_s += candidate.run_s
     try:
         client = redis_keys.client()
         key = redis_keys.worker_backlog_key(candidate.hostname)

@@ -252,6 +252,13 @@ EDITOR_ENGINE_TOKEN_BUDGET = env_int("EDITOR_ENGINE_TOKEN_BUDGET", 16384, minimu
 EDITOR_ROUTING = env_str("EDITOR_ROUTING", "bucket")
 if EDITOR_ROUTING not in ("bucket", "cost"):
     raise ImproperlyConfigured(f"EDITOR_ROUTING={EDITOR_ROUTING!r} must be 'bucket' or 'cost'.")
+# The cost policy re-reads the workers' records from Redis at most this often (seconds); 0 reads every time.
+try:
+    EDITOR_ROUTING_REFRESH_S = float(env_str("EDITOR_ROUTING_REFRESH_S", "0.25"))
+except ValueError:
+    raise ImproperlyConfigured("EDITOR_ROUTING_REFRESH_S must be a number of seconds, such as 0.25.") from None
+if not 0 <= EDITOR_ROUTING_REFRESH_S <= 60:
+    raise ImproperlyConfigured(f"EDITOR_ROUTING_REFRESH_S={EDITOR_ROUTING_REFRESH_S} must be between 0 and 60.")
 # Bearer token that lets a Prometheus scraper read /metrics without a staff session; empty disables it.
 EDITOR_METRICS_TOKEN = env_str("EDITOR_METRICS_TOKEN")
 EDITOR_WARMUP_ON_CREATE = env_bool("EDITOR_WARMUP_ON_CREATE", True) and EDITOR_CACHE_ENABLED

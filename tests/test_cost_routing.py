@@ -69,8 +69,13 @@ def test_direct_queue_names_round_trip():
 
 
 @pytest.fixture
-def fleet_records(redis_url):
-    """Write heartbeats and load records as workers do; remove them afterwards."""
+def fleet_records(redis_url, settings):
+    """Write heartbeats and load records as workers do; remove them afterwards.
+
+    The router re-reads them on every decision here, so a test sees each record it writes at once.
+    """
+    settings.EDITOR_ROUTING_REFRESH_S = 0
+    cost_routing.forget_fleet_view()
     client = redis_keys.client()
 
     def clear() -> None:
@@ -109,6 +114,26 @@ def test_choose_counts_backlog_and_returns_none_without_workers(fleet_records):
     cost_routing.add_to_backlog(first, "job-1")
     second = cost_routing.choose(shape())
     assert second.hostname != first.hostname
+
+
+def test_burst_between_reads_spreads_over_workers(fleet_records, settings, monkeypatch):
+    fleet_records("a@h", load())
+    fleet_records("b@h", load())
+    settings.EDITOR_ROUTING_REFRESH_S = 60
+    reads = []
+    original = cost_routing.read_fleet
+    monkeypatch.setattr(cost_routing, "read_fleet", lambda: reads.append(1) or original())
+
+    chosen = []
+    for index in range(4):
+        candidate = cost_routing.choose(shape())
+        cost_routing.add_to_backlog(candidate, f"burst-{index}")
+        chosen.append(candidate.hostname)
+
+    assert len(reads) == 1
+    # The backlog this process adds between reads counts at once, so the jobs alternate.
+    assert sorted(chosen) == ["a@h", "a@h", "b@h", "b@h"]
+    cost_routing.forget_fleet_view()
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ completed jobs over (last finish - first submission).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -913,7 +914,7 @@ def run_system(
 def environment(config: BenchConfig, runs: dict[str, SystemRun], started: float, load_start: float) -> dict:
     capacity_rps = runs[BASELINE].capacity_rps
     return {
-        "command": "python -m bench.serving" + (" --quick" if config.quick else ""),
+        "command": " ".join(["python -m bench.serving", *sys.argv[1:]]),
         "machine": platform.platform(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
@@ -1113,11 +1114,44 @@ def write_plot(rows: Sequence[Row], path: Path) -> None:
     plt.close(figure)
 
 
+def customized(config: BenchConfig, args: argparse.Namespace) -> BenchConfig:
+    """Apply --requests, --rates, --systems and --out-dir; exit with a message naming a bad value."""
+    changes: dict[str, object] = {}
+    if args.requests is not None:
+        if args.requests < 2:
+            raise SystemExit(f"--requests {args.requests} is too small; pass 2 or more.")
+        changes["requests_per_rate"] = args.requests
+    if args.rates:
+        try:
+            rates = tuple(float(part) for part in args.rates.split(","))
+        except ValueError:
+            raise SystemExit(f"--rates {args.rates!r} must be comma-separated numbers such as 0.9,3") from None
+        if not rates or min(rates) <= 0:
+            raise SystemExit(f"--rates {args.rates!r} must be positive multiples of the baseline capacity.")
+        changes["rate_multiples"] = rates
+    if args.systems:
+        names = tuple(part.strip() for part in args.systems.split(",") if part.strip())
+        known = {system.name for system in SYSTEMS}
+        unknown = sorted(set(names) - known)
+        if unknown or BASELINE not in names:
+            raise SystemExit(f"--systems {args.systems!r}: use names from {sorted(known)}, including {BASELINE!r}.")
+        changes["systems"] = names
+    if args.out_dir is not None:
+        changes["out_dir"] = args.out_dir
+    return dataclasses.replace(config, **changes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="Test model, tiny images, two systems, one rate per mask set; writes under var/bench/.")
     parser.add_argument("--keep", action="store_true", help="Keep the run folders (databases, logs) under var/bench/.")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="Requests per rate and mask set (default 30; longer traces reach steady-state queues).")
+    parser.add_argument("--rates", default=None,
+                        help="Comma-separated multiples of the baseline capacity (default 0.5,0.9,1.5,3,6).")
+    parser.add_argument("--systems", default=None, help=f"Comma-separated systems (default all: {', '.join(s.name for s in SYSTEMS)}).")
+    parser.add_argument("--out-dir", type=Path, default=None, help="Folder for serving.{json,md,png}.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "editor_site.settings")
@@ -1126,6 +1160,7 @@ def main() -> None:
 
     django.setup()
     config = quick_config() if args.quick else full_config()
+    config = customized(config, args)
     rows, env = run_benchmark(config, keep=args.keep)
     headlines = write_report(rows, env, config.out_dir)
     print(json.dumps([asdict(item) for item in headlines], indent=2))

@@ -2,8 +2,9 @@
 
 For every live worker that serves the job's model, the predicted finish is
 
-    wait = time until its running job ends (its published ``busy_until``)
-         + predicted seconds of the jobs already routed to it and not yet started (its backlog)
+    wait = time until its running jobs end (its published ``busy_until``)
+         + predicted seconds of the jobs already routed to it and not yet started (its backlog),
+           or 0 on a batching worker with a free slot, where the job joins the running batch
     run  = steps x step seconds from its fitted cost model, at the tokens the job will compute there:
            text + masked tokens where its cache contains the template, plus the load time when that entry is on
            its disk tier; text + all image tokens where it does not (the job runs in full and warms the cache)
@@ -81,8 +82,14 @@ def image_tokens(shape: JobShape) -> int:
     return math.ceil(width / patch) * math.ceil(height / patch)
 
 
-def predict(shape: JobShape, load: dict, backlog_s: float, now: float) -> tuple[float, float, str] | None:
-    """(wait seconds, run seconds, cache tier) of `shape` on a worker with published `load`; None if unknown."""
+def predict(
+    shape: JobShape, load: dict, backlog_s: float, now: float, backlog_jobs: int = 0
+) -> tuple[float, float, str] | None:
+    """(wait seconds, run seconds, cache tier) of `shape` on a worker with published `load`; None if unknown.
+
+    A batching worker with a free slot (`slots` above its running and routed jobs) starts the job at once,
+    and each of its steps then also carries the tokens of the jobs already running there.
+    """
     cost = (load.get("costs") or {}).get(shape.model)
     if not cost:
         return None
@@ -92,11 +99,15 @@ def predict(shape: JobShape, load: dict, backlog_s: float, now: float) -> tuple[
     tier = next((name for name in ("memory", "disk") if shape.residency_token in resident.get(name, [])), "none")
     cached = tier != "none" and shape.mask_ratio < BYPASS_MASK_RATIO
     computed = text + (shape.mask_ratio * tokens if cached else tokens)
+    slots = int(load.get("slots", 1))
+    joins_batch = slots > 1 and int(load.get("running", 0)) + backlog_jobs < slots
+    if joins_batch:
+        computed += float(load.get("running_tokens", 0.0))
     step_s = max(0.0, cost["step_intercept_s"] + cost["step_s_per_token"] * computed)
     run_s = shape.steps * step_s
     if cached and tier == "disk":
         run_s += cost.get("load_latency_s", 0.0)
-    wait_s = max(0.0, float(load.get("busy_until", 0.0)) - now) + backlog_s
+    wait_s = 0.0 if joins_batch else max(0.0, float(load.get("busy_until", 0.0)) - now) + backlog_s
     return wait_s, run_s, tier if cached else "none"
 
 
@@ -108,6 +119,7 @@ class WorkerView:
     models: tuple[str, ...]
     load: dict
     backlog_s: float
+    backlog_jobs: int
 
 
 _snapshot_lock = threading.Lock()
@@ -139,7 +151,9 @@ def read_fleet() -> list[WorkerView] | None:
             resident = load.get("resident") or {}
             # Sets, because every decision looks a template up in every worker's list.
             load["resident"] = {tier: set(tokens) for tier, tokens in resident.items()}
-            views.append(WorkerView(worker.hostname, worker.models, load, sum(float(value) for value in backlog)))
+            views.append(WorkerView(
+                worker.hostname, worker.models, load, sum(float(value) for value in backlog), len(backlog)
+            ))
         except (ValueError, KeyError, TypeError, AttributeError):
             logger.warning("ignoring the malformed load record of %s", worker.hostname)
     return views
@@ -176,7 +190,7 @@ def candidates(shape: JobShape) -> list[Candidate]:
     for view in fleet_view():
         if shape.model not in view.models:
             continue
-        prediction = predict(shape, view.load, view.backlog_s, now)
+        prediction = predict(shape, view.load, view.backlog_s, now, view.backlog_jobs)
         if prediction is not None:
             wait_s, run_s, tier = prediction
             found.append(Candidate(view.hostname, redis_keys.direct_queue(view.hostname), wait_s, run_s, tier))
@@ -197,6 +211,7 @@ def add_to_backlog(candidate: Candidate, job_id: str) -> None:
         for view in _snapshot[1] if _snapshot is not None else []:
             if view.hostname == candidate.hostname:
                 view.backlog_s += candidate.run_s
+                view.backlog_jobs += 1
     try:
         client = redis_keys.client()
         key = redis_keys.worker_backlog_key(candidate.hostname)

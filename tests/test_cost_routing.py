@@ -57,6 +57,18 @@ def test_wait_counts_running_job_and_backlog():
     assert wait == pytest.approx(5.5)
 
 
+def test_batching_worker_with_a_free_slot_takes_the_job_at_once():
+    record = {**load(busy_in=5.0), "slots": 4, "running": 2, "running_tokens": 460.0}
+    wait, run, _ = cost_routing.predict(shape(), record, 3.0, now=1000.0, backlog_jobs=1)
+    assert wait == 0.0
+    # Its steps also carry the 460 tokens of the two running jobs.
+    assert run == pytest.approx(10 * (0.01 + 0.001 * (128 + 1024 + 460)))
+    # With every slot taken by running and routed jobs it waits like a one-job worker.
+    wait, run, _ = cost_routing.predict(shape(), record, 3.0, now=1000.0, backlog_jobs=2)
+    assert wait == pytest.approx(8.0)
+    assert run == pytest.approx(10 * (0.01 + 0.001 * (128 + 1024)))
+
+
 def test_worker_without_a_cost_for_the_model_is_skipped():
     assert cost_routing.predict(shape(model="other"), load(), 0.0, now=1000.0) is None
 

@@ -231,7 +231,7 @@ def execute_job(
         try:
             run_claimed_job(job, worker=worker, soft_time_limit_s=soft_time_limit_s)
         finally:
-            worker_state.set_busy_until(0.0)
+            worker_state.finish_job(str(job.pk))
             publish_state(worker)
     except DatabaseError as error:
         # The connection dropped (or the database restarted) mid-job. Closing it lets the next attempt
@@ -385,10 +385,12 @@ def run_job(
         costs.record_load(get_store().disk.entry_nbytes_of(key) or 0, timings["cache_lookup"] / 1000)
     if decision.key is not None and decision.outcome == CacheOutcome.HIT:
         worker_state.remember_cache(model.name, key)
-    predicted = job.steps * costs.fit.step_seconds(computed)
+    # On a batching worker the job's steps also carry the tokens of the jobs already running here.
+    shared = worker_state.running_tokens() if settings.EDITOR_ENGINE_MAX_BATCH > 1 else 0.0
+    predicted = job.steps * costs.fit.step_seconds(computed + shared)
     if decision.outcome == CacheOutcome.MISS_WARM_FIRST:
         predicted += job.steps * costs.fit.step_seconds(counts.text + counts.image)
-    worker_state.set_busy_until(time.time() + predicted)
+    worker_state.start_job(str(job.pk), time.time() + predicted, computed)
     publish_state(worker)
 
     activations = decision.activations
@@ -422,7 +424,7 @@ def run_job(
     timings.update(result.timings_ms)
     caching.record_timings(model, decision, counts, steps=job.steps, timings_ms=result.timings_ms)
     if decision.outcome != CacheOutcome.MISS_WARM_FIRST and result.timings_ms.get("denoise"):
-        costs.record_step(computed, result.timings_ms["denoise"] / 1000 / job.steps)
+        costs.record_step(computed + shared, result.timings_ms["denoise"] / 1000 / job.steps)
     if decision.outcome == CacheOutcome.MISS_WARM_FIRST:
         worker_state.remember_cache(model.name, key)
     return result, decision

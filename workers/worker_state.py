@@ -17,6 +17,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import redis
+from django.conf import settings
 
 from cache.keys import CacheKey
 from editor_site import redis_keys
@@ -35,7 +36,8 @@ MAX_RESIDENT_TOKENS = 512
 _lock = threading.Lock()
 _cost_models: dict[str, CostModel] = {}
 _known_keys: OrderedDict[str, tuple[str, CacheKey]] = OrderedDict()  # residency token -> (model, key)
-_busy_until = 0.0
+# job id -> (predicted finish in epoch seconds, tokens per step) of the jobs running in this process
+_in_flight: dict[str, tuple[float, float]] = {}
 
 
 def residency_token(model: str, key: CacheKey) -> str:
@@ -93,10 +95,21 @@ def remember_cache(model: str, key: CacheKey) -> None:
             _known_keys.popitem(last=False)
 
 
-def set_busy_until(timestamp: float) -> None:
-    global _busy_until
+def start_job(job_id: str, predicted_finish: float, tokens: float) -> None:
+    """Count a job this process is running until `finish_job`; the latest predicted finish is published."""
     with _lock:
-        _busy_until = timestamp
+        _in_flight[job_id] = (predicted_finish, tokens)
+
+
+def running_tokens() -> float:
+    """Tokens per step of the jobs running in this process, which a batching engine packs together."""
+    with _lock:
+        return sum(tokens for _, tokens in _in_flight.values())
+
+
+def finish_job(job_id: str) -> None:
+    with _lock:
+        _in_flight.pop(job_id, None)
 
 
 def take_from_backlog(hostname: str, job_id: str) -> None:
@@ -111,7 +124,10 @@ def snapshot(text_tokens: dict[str, int]) -> dict[str, object]:
     store = get_store()
     with _lock:
         known = list(_known_keys.items())
-        busy_until = _busy_until
+        # Job threads of a batching worker run together, so the last predicted finish frees the worker.
+        busy_until = max((finish for finish, _ in _in_flight.values()), default=0.0)
+        running = len(_in_flight)
+        tokens = sum(tokens for _, tokens in _in_flight.values())
         models = dict(_cost_models)
     resident: dict[str, list[str]] = {"memory": [], "disk": []}
     for token, (_model, key) in known:
@@ -126,7 +142,11 @@ def snapshot(text_tokens: dict[str, int]) -> dict[str, object]:
             "load_latency_s": fit.load_latency_s, "load_s_per_mib": fit.load_s_per_mib,
             "text_tokens": text_tokens.get(name, 0),
         }
-    return {"busy_until": busy_until, "costs": costs, "resident": resident, "pid": os.getpid(), "at": time.time()}
+    return {
+        "busy_until": busy_until, "running": running, "running_tokens": tokens,
+        "slots": settings.EDITOR_ENGINE_MAX_BATCH, "costs": costs, "resident": resident, "pid": os.getpid(),
+        "at": time.time(),
+    }
 
 
 def publish(hostname: str, text_tokens: dict[str, int]) -> None:

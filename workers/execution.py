@@ -71,7 +71,7 @@ def storage_error_message(error: OSError) -> str:
 class JobTimedOut(SoftTimeLimitExceeded):
     """The job ran past its soft time limit, noticed at a step boundary.
 
-    Celery raises SoftTimeLimitExceeded itself only in the prefork pool; the threads pool that the batching
+    Celery raises SoftTimeLimitExceeded itself only in the prefork pool. The threads pool that the batching
     engine needs has no time limits, so the step callback enforces the same limit there.
     """
 
@@ -131,22 +131,8 @@ def read_inputs(job: EditJob) -> tuple[np.ndarray, np.ndarray]:
 PREFETCH_LOOKAHEAD = 4
 
 
-def publish_state(worker: str) -> None:
-    """Publish this process's load, cost fits and cache residency for the cost routing policy."""
-    runner_settings = RunnerSettings.from_env()
-    text_tokens = {
-        name: worker_state_model_text_tokens(name, runner_settings) for name in worker_state.loaded_cost_models()
-    }
-    worker_state.publish(worker, text_tokens)
-
-
-def worker_state_model_text_tokens(name: str, runner_settings: RunnerSettings) -> int:
-    model = get_model(name)
-    return model.family.text_tokens(model.pipe, runner_settings.max_sequence_length)
-
-
 def model_cache_variant(model) -> str:
-    """The cache variant jobs on this loaded model use (EDITOR_CACHE_VARIANT where its family supports it)."""
+    """Return the cache variant of jobs on this model (EDITOR_CACHE_VARIANT where its family supports it)."""
     return warmups.cache_variant(catalog.get(model.name) or catalog.default_model())
 
 
@@ -232,7 +218,7 @@ def execute_job(
             run_claimed_job(job, worker=worker, soft_time_limit_s=soft_time_limit_s)
         finally:
             worker_state.finish_job(str(job.pk))
-            publish_state(worker)
+            worker_state.publish(worker)
     except DatabaseError as error:
         # The connection dropped (or the database restarted) mid-job. Closing it lets the next attempt
         # reconnect, and the task re-sends the job as a takeover. If that fails too, the reconciler
@@ -391,7 +377,7 @@ def run_job(
     if decision.outcome == CacheOutcome.MISS_WARM_FIRST:
         predicted += job.steps * costs.fit.step_seconds(counts.text + counts.image)
     worker_state.start_job(str(job.pk), time.time() + predicted, computed)
-    publish_state(worker)
+    worker_state.publish(worker)
 
     activations = decision.activations
     edit_progress = StepReporter(job.pk, deadline=deadline)
@@ -464,7 +450,7 @@ def execute_warmup(warmup_id: int, *, worker: str) -> None:
         return
     worker_state.remember_cache(model.name, key)
     publish_metrics(worker)
-    publish_state(worker)
+    worker_state.publish(worker)
     warmups.succeed(
         warmup.pk, cache_key=outcome.key.digest(), cache_bytes=outcome.nbytes, tier=outcome.tier,
         timings=outcome.timings_ms,

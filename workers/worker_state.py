@@ -35,23 +35,25 @@ MAX_RESIDENT_TOKENS = 512
 
 _lock = threading.Lock()
 _cost_models: dict[str, CostModel] = {}
+_text_tokens: dict[str, int] = {}  # model name -> text tokens per request, as its cost model counts them
 _known_keys: OrderedDict[str, tuple[str, CacheKey]] = OrderedDict()  # residency token -> (model, key)
 # job id -> (predicted finish in epoch seconds, tokens per step) of the jobs running in this process
 _in_flight: dict[str, tuple[float, float]] = {}
 
 
 def residency_token(model: str, key: CacheKey) -> str:
-    """The cache identity as the web side can compute it from a job: model, template, steps, seed, guidance."""
+    """Return the cache identity as the web side computes it from a job: model, template, steps, seed, guidance."""
     return f"{model}:{key.template_hash}:{key.steps}:{key.seed}:{float(key.guidance):g}"
 
 
 def cost_model(model: LoadedModel, *, text_tokens: int, max_sequence_length: int) -> CostModel:
     """This process's cost model of `model`: the persisted one, else a prior that a calibration replaces.
 
-    The calibration runs on a background thread, so the job that asked for the model is not delayed; its
+    The calibration runs on a background thread, so the job that requested the model is not delayed. Its
     own timings and those of later jobs refine whichever fit is current.
     """
     with _lock:
+        _text_tokens[model.name] = text_tokens
         existing = _cost_models.get(model.name)
     if existing is not None:
         return existing
@@ -120,7 +122,7 @@ def take_from_backlog(hostname: str, job_id: str) -> None:
         logger.warning("could not update the backlog of %s", hostname, exc_info=True)
 
 
-def snapshot(text_tokens: dict[str, int]) -> dict[str, object]:
+def snapshot() -> dict[str, object]:
     store = get_store()
     with _lock:
         known = list(_known_keys.items())
@@ -129,6 +131,7 @@ def snapshot(text_tokens: dict[str, int]) -> dict[str, object]:
         running = len(_in_flight)
         tokens = sum(tokens for _, tokens in _in_flight.values())
         models = dict(_cost_models)
+        text_tokens = dict(_text_tokens)
     resident: dict[str, list[str]] = {"memory": [], "disk": []}
     for token, (_model, key) in known:
         tier = store.tier_of(key)
@@ -149,11 +152,11 @@ def snapshot(text_tokens: dict[str, int]) -> dict[str, object]:
     }
 
 
-def publish(hostname: str, text_tokens: dict[str, int]) -> None:
+def publish(hostname: str) -> None:
     """Write this process's state under the worker's name; best effort, like metrics."""
     try:
         redis_keys.client().set(
-            redis_keys.worker_load_key(hostname), json.dumps(snapshot(text_tokens)), ex=STATE_TTL_S
+            redis_keys.worker_load_key(hostname), json.dumps(snapshot()), ex=STATE_TTL_S
         )
     except (redis.RedisError, ValueError):
         logger.warning("could not publish the state of %s", hostname, exc_info=True)

@@ -13,7 +13,7 @@ from PIL import Image
 from workers.demo_model import build_flux_fill_demo
 from workers.families.base import MaskedOutput, ModelFamily, StepCallback
 from workers.masked.activations import BlockCacheSource, TemplateActivations
-from workers.masked.edit import run_cached_edit
+from workers.masked.edit import decode_latents, run_cached_edit
 from workers.masked.flops import TransformerShape, transformer_flops
 from workers.masked.warmup import warm_up_template
 
@@ -96,7 +96,7 @@ class FluxFamily(ModelFamily):
                 output_type="latent",
                 callback_on_step_end=step_end,
             )
-        return decode_packed(pipe, output.images, width, height)
+        return decode_latents(pipe, output.images[0], height, width)
 
     def warm_up(
         self,
@@ -159,12 +159,3 @@ class FluxFamily(ModelFamily):
         )
         return MaskedOutput(generated=cached.generated, latents=cached.latents)
 
-
-def decode_packed(pipe: FluxFillPipeline, latents: torch.Tensor, width: int, height: int) -> np.ndarray:
-    """Decode packed latents (1, N_img, 64) to an (H, W, 3) uint8 image as the stock pipeline does."""
-    with torch.inference_mode():
-        unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-        unpacked = unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        decoded = pipe.vae.decode(unpacked.to(pipe.vae.dtype), return_dict=False)[0]
-        pixels = pipe.image_processor.postprocess(decoded, output_type="np")[0]
-    return np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)

@@ -172,7 +172,7 @@ class WorkerState:
         """Return the predicted seconds until this worker is free.
 
         A started job counts with its real finish, which a worker publishes once its cache decision is
-        made (workers/worker_state.py); a job still waiting counts as the router predicted it.
+        made (workers/worker_state.py). A job still waiting counts as the router predicted it.
         """
         total = 0.0
         for start_s, predicted_s, service_s, _ in self.unfinished:
@@ -266,8 +266,8 @@ class Cluster:
         start_s = max(job.arrival_s, state.free_at_s)
         finish_s = start_s + service_s
         state.free_at_s = finish_s
-        # cost_affinity knows where each template is cached, so it predicts hits and misses exactly; cost
-        # knows the mask but not the cache, so it predicts the expected time at the observed hit rate.
+        # cost_affinity reads where each template is cached, so it predicts hits and misses exactly. cost
+        # has the mask but not the cache contents, so it predicts the expected time at the observed hit rate.
         predicted_s = service_s if policy == "cost_affinity" else self.expected_service_s(job.masked_tokens)
         state.unfinished.append((start_s, predicted_s, service_s, job.masked_tokens))
         state.masked_tokens += job.masked_tokens

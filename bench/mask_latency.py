@@ -271,7 +271,7 @@ def measure_row(
     return row
 
 
-# Text tokens each family's attention sees per row. Flux: T5 tokens at the short-prompt and default lengths.
+# Text tokens that each family's attention layers receive per row. Flux: T5 tokens at the short-prompt and default lengths.
 # SD3: 77 CLIP tokens plus T5 tokens, so 128 in all (51 T5) and the pipeline default (77 + 256).
 # UNet families cross-attend to 77 CLIP tokens.
 FAMILY_TEXT_LENGTHS: dict[str, tuple[int, ...]] = {"sd3": (128, 333), "sdxl": (77,), "sd2": (77,)}
@@ -279,12 +279,12 @@ SD3_CLIP_TOKENS = 77
 
 
 def family_sequence_length(family: str, text_tokens: int) -> int:
-    """The pipeline's max_sequence_length argument that gives `text_tokens` attention text tokens."""
+    """Return the pipeline's max_sequence_length argument that gives `text_tokens` attention text tokens."""
     return text_tokens - SD3_CLIP_TOKENS if family == "sd3" else text_tokens
 
 
 def family_stock_request(adapter: ModelFamily, pipe, image: np.ndarray, mask: np.ndarray, length: int, steps: int) -> tuple[bytes, np.ndarray]:
-    """The family's stock pipeline call, composited outside the feathered mask, as PNG; also the raw output."""
+    """Run the family's stock pipeline and composite outside the feathered mask; return PNG bytes and the raw output."""
     generated = adapter.stock_edit(
         pipe, Image.fromarray(image), mask_to_pil(mask), EDIT_PROMPT, seed=SEED, steps=steps,
         guidance_scale=FAMILY_GUIDANCE[adapter.name], max_sequence_length=length,
@@ -296,7 +296,7 @@ def family_worker_request(
     adapter: ModelFamily, pipe, activations: TemplateActivations, image: np.ndarray, mask: np.ndarray, length: int,
     steps: int, stock_route: bool,
 ) -> tuple[bytes, np.ndarray]:
-    """The worker's path: masked computation over the cache, or the stock route for large masks."""
+    """Run the worker's path (masked computation over the cache, or the stock route for large masks)."""
     if stock_route:
         return family_stock_request(adapter, pipe, image, mask, length, steps)
     output = adapter.masked_edit(

@@ -41,7 +41,7 @@ DEFAULT_MAX_WORK_PIXELS = 1024 * 1024
 
 @dataclass(frozen=True)
 class JobShape:
-    """What the router knows about a job before any worker has looked at it."""
+    """Job facts that the router has before any worker has looked at the job."""
 
     model: str
     template_hash: str
@@ -160,7 +160,7 @@ def read_fleet() -> list[WorkerView] | None:
 
 
 def fleet_view() -> list[WorkerView]:
-    """The live workers, re-read from Redis at most every EDITOR_ROUTING_REFRESH_S seconds.
+    """Return the live workers, re-read from Redis at most every EDITOR_ROUTING_REFRESH_S seconds.
 
     Between reads the backlog this process adds is applied to the view at once, so a burst of jobs
     spreads over the workers instead of piling onto the one that looked idle at the last read.
@@ -198,7 +198,7 @@ def candidates(shape: JobShape) -> list[Candidate]:
 
 
 def choose(shape: JobShape) -> Candidate | None:
-    """The candidate with the earliest predicted finish (ties: less waiting), or None when none is known."""
+    """Return the candidate with the earliest predicted finish (ties: less waiting), or None without one."""
     found = candidates(shape)
     if not found:
         return None

@@ -3,7 +3,7 @@
 Similar mask ratios batch well together and cost about the same, so each bucket of each model has its own
 queue (``edit.flux.m10`` receives jobs for the model named ``flux`` whose mask touches at most 10% of the
 latent tokens). Workers subscribe with ``-Q`` to the queues of the models they serve, so a job only reaches
-a worker that has its model; warm-ups of a model go to its ``control`` queue.
+a worker that has its model. Warm-ups of a model go to its ``control`` queue.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Bucket:
 
 
 def control_queue(model: str) -> str:
-    """The queue of the model's warm-ups."""
+    """Return the queue of the model's warm-ups."""
     return f"{QUEUE_PREFIX}{model}.{CONTROL}"
 
 
@@ -54,6 +54,6 @@ def model_queues(model: str, edges: list[float] | None = None) -> list[str]:
 
 
 def all_queues(models: list[str] | None = None, edges: list[float] | None = None) -> list[str]:
-    """Every queue of `models` (default: the models this worker serves, EDITOR_WORKER_MODELS)."""
+    """Return every queue of `models` (default: the models this worker serves, EDITOR_WORKER_MODELS)."""
     served = settings.EDITOR_WORKER_MODELS if models is None else models
     return [queue for model in served for queue in model_queues(model, edges)]

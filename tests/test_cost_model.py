@@ -9,12 +9,14 @@ import pytest
 from workers.cost_model import CostFit, CostModel, calibrate, fit_line
 
 
-def test_fit_line_recovers_a_line_and_refuses_negative_slopes():
+def test_fit_line_rejects_negative_slopes():
     intercept, slope = fit_line([100, 200, 400], [0.3, 0.5, 0.9])
-    assert intercept == pytest.approx(0.1) and slope == pytest.approx(0.002)
+    assert intercept == pytest.approx(0.1)
+    assert slope == pytest.approx(0.002)
     assert fit_line([100, 100], [0.2, 0.4]) == (0.0, pytest.approx(0.003))
     intercept, slope = fit_line([100, 200], [0.5, 0.4])
-    assert intercept == 0.0 and slope > 0
+    assert intercept == 0.0
+    assert slope > 0
 
 
 def test_model_refits_persists_and_reloads(tmp_path: Path):
@@ -24,8 +26,11 @@ def test_model_refits_persists_and_reloads(tmp_path: Path):
     model.record_load(8 * 2**20, 0.05)
     model.record_load(32 * 2**20, 0.17)
     fit = model.fit
-    assert fit.step_intercept_s == pytest.approx(0.05) and fit.step_s_per_token == pytest.approx(0.001)
-    assert fit.load_s_per_mib == pytest.approx(0.005) and fit.step_samples == 3 and fit.load_samples == 2
+    assert fit.step_intercept_s == pytest.approx(0.05)
+    assert fit.step_s_per_token == pytest.approx(0.001)
+    assert fit.load_s_per_mib == pytest.approx(0.005)
+    assert fit.step_samples == 3
+    assert fit.load_samples == 2
     assert fit.step_seconds(1000) == pytest.approx(1.05)
 
     again = CostModel.load(tmp_path / "cost" / "flux.json")

@@ -45,7 +45,7 @@ def test_cached_template_costs_only_its_masked_tokens():
     assert wait == 0.0
 
 
-def test_large_mask_runs_in_full_even_with_a_cache():
+def test_large_mask_runs_in_full():
     job = shape(mask_ratio=0.95)
     _, run, tier = cost_routing.predict(job, load(memory=[job.residency_token]), 0.0, now=1000.0)
     assert tier == "none"
@@ -57,7 +57,7 @@ def test_wait_counts_running_job_and_backlog():
     assert wait == pytest.approx(5.5)
 
 
-def test_batching_worker_with_a_free_slot_takes_the_job_at_once():
+def test_free_batch_slot_skips_wait():
     record = {**load(busy_in=5.0), "slots": 4, "running": 2, "running_tokens": 460.0}
     wait, run, _ = cost_routing.predict(shape(), record, 3.0, now=1000.0, backlog_jobs=1)
     assert wait == 0.0
@@ -69,7 +69,7 @@ def test_batching_worker_with_a_free_slot_takes_the_job_at_once():
     assert run == pytest.approx(10 * (0.01 + 0.001 * (128 + 1024)))
 
 
-def test_worker_without_a_cost_for_the_model_is_skipped():
+def test_worker_without_cost_skipped():
     assert cost_routing.predict(shape(model="other"), load(), 0.0, now=1000.0) is None
 
 
@@ -84,7 +84,7 @@ def test_direct_queue_names_round_trip():
 def fleet_records(redis_url, settings):
     """Write heartbeats and load records as workers do; remove them afterwards.
 
-    The router re-reads them on every decision here, so a test sees each record it writes at once.
+    The router re-reads them on every decision here, so each record a test writes takes effect at once.
     """
     settings.EDITOR_ROUTING_REFRESH_S = 0
     cost_routing.forget_fleet_view()
@@ -173,7 +173,7 @@ def submit(client, settings, capture=None):
     return EditJob.objects.get(pk=response.json()["id"])
 
 
-def test_cost_policy_sends_job_to_chosen_worker_and_counts_it(alice, settings, fleet_records, media_root,
+def test_cost_policy_sends_to_chosen_worker(alice, settings, fleet_records, media_root,
                                                               monkeypatch, django_capture_on_commit_callbacks):
     settings.EDITOR_ROUTING = "cost"
     sent: list[str] = []
@@ -187,7 +187,7 @@ def test_cost_policy_sends_job_to_chosen_worker_and_counts_it(alice, settings, f
     assert float(backlog[str(job.pk).encode()]) > 0
 
 
-def test_cost_policy_falls_back_to_buckets_without_known_workers(alice, settings, fleet_records, media_root):
+def test_cost_policy_falls_back_to_buckets(alice, settings, fleet_records, media_root):
     settings.EDITOR_ROUTING = "cost"
     job = submit(alice, settings)
     assert job.queue_name == f"edit.flux.{job.bucket}"
@@ -208,14 +208,15 @@ def test_jobs_of_a_gone_worker_are_rerouted(alice, settings, fleet_records, medi
 
     job.refresh_from_db()
     assert report.rerouted_jobs == [str(job.pk)]
-    assert job.queue_name == "edit.direct.alive@h" and job.status == JobStatus.QUEUED
+    assert job.queue_name == "edit.direct.alive@h"
+    assert job.status == JobStatus.QUEUED
     assert sent[-1] == "edit.direct.alive@h"
     assert not client.exists(redis_keys.worker_backlog_key("gone@h"))
     # A live worker's jobs stay where they are.
     assert reconciler.reconcile_once().rerouted_jobs == []
 
 
-def test_real_worker_publishes_cost_model_and_runs_a_cost_routed_job(api_client_for, celery_worker_process,
+def test_real_worker_runs_cost_routed_job(api_client_for, celery_worker_process,
                                                                       settings):
     from editing.management.commands.edit import live_queues
     from tests.test_e2e_worker import poll_until_final
@@ -237,7 +238,8 @@ def test_real_worker_publishes_cost_model_and_runs_a_cost_routed_job(api_client_
     assert redis_keys.direct_queue(heartbeat.hostname) in live_queues(timeout_s=2.0)
     record = json.loads(redis_keys.client().get(redis_keys.worker_load_key(heartbeat.hostname)))
     fit = record["costs"]["flux"]
-    assert fit["step_s_per_token"] > 0 and fit["text_tokens"] > 0
+    assert fit["step_s_per_token"] > 0
+    assert fit["text_tokens"] > 0
     # The same fit is on the worker's metrics, which /metrics merges.
     metrics = redis_keys.client().get(redis_keys.worker_metrics_key(heartbeat.hostname)).decode()
     assert 'editor_cost_step_seconds_per_token{model="flux"}' in metrics

@@ -87,3 +87,17 @@ def test_invalid_submit_rate_stops_startup(tmp_path):
 
     assert result.returncode != 0
     assert "EDITOR_JOB_SUBMIT_RATE='lots' is invalid" in result.stderr
+
+
+def test_invalid_model_settings_stop_startup(tmp_path):
+    cases = {
+        "EDITOR_MODELS": ("fill=unet:demo", "names family 'unet'"),
+        "EDITOR_WORKER_MODELS": ("other", "EDITOR_WORKER_MODELS names ['other']"),
+        "EDITOR_ROUTING": ("fastest", "EDITOR_ROUTING='fastest' must be 'bucket' or 'cost'"),
+        "EDITOR_ROUTING_REFRESH_S": ("soon", "EDITOR_ROUTING_REFRESH_S must be a number of seconds"),
+    }
+    for name, (value, message) in cases.items():
+        result = run([sys.executable, "manage.py", "check"], production_env(tmp_path, **{name: value}))
+
+        assert result.returncode != 0, name
+        assert message in result.stderr, result.stderr[-500:]

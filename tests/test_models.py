@@ -100,8 +100,10 @@ def test_models_api_lists_family_and_resolution(alice, two_models):
     assert response.status_code == 200
     rows = {row["name"]: row for row in response.json()}
     assert set(rows) == {"fill", "inpaint"}
-    assert rows["fill"]["family"] == "flux" and rows["fill"]["default"] is True
-    assert rows["inpaint"]["native_resolution"] == 512 and rows["inpaint"]["default"] is False
+    assert rows["fill"]["family"] == "flux"
+    assert rows["fill"]["default"] is True
+    assert rows["inpaint"]["native_resolution"] == 512
+    assert rows["inpaint"]["default"] is False
     assert rows["inpaint"]["pixels_per_token"] == 8
 
 
@@ -109,24 +111,26 @@ def test_models_api_needs_login(client):
     assert client.get("/api/models/").status_code in (401, 403)
 
 
-def test_job_for_unknown_model_is_rejected_naming_field_and_choices(alice, two_models, media_root):
+def test_unknown_model_job_rejected(alice, two_models, media_root):
     template = upload(alice).json()
     response = submit(alice, template["id"], model="sdxl-big")
     assert response.status_code == 400
     message = response.json()["model"][0]
-    assert "sdxl-big" in message and "fill, inpaint" in message
+    assert "sdxl-big" in message
+    assert "fill, inpaint" in message
     assert EditJob.objects.count() == 0
 
 
-def test_job_for_unknown_model_is_rejected_in_japanese(alice, two_models, media_root):
+def test_unknown_model_job_rejected_japanese(alice, two_models, media_root):
     template = upload(alice).json()
     response = submit(alice, template["id"], model="nope", headers={"Accept-Language": "ja"})
     assert response.status_code == 400
     message = response.json()["model"][0]
-    assert "nope" in message and "モデル" in message
+    assert "nope" in message
+    assert "モデル" in message
 
 
-def test_job_for_model_no_live_worker_serves_is_rejected(alice, two_models, heartbeats, media_root):
+def test_unserved_model_job_rejected(alice, two_models, heartbeats, media_root):
     template = upload(alice).json()
     heartbeats("worker-a@host", ["fill"])
     response = submit(alice, template["id"], model="inpaint")
@@ -144,10 +148,11 @@ def test_job_routes_to_its_models_queue(alice, two_models, heartbeats, media_roo
     assert body["model"] == "inpaint"
     assert body["queue"] == f"edit.inpaint.{body['bucket']}"
     default = submit(alice, template["id"]).json()
-    assert default["model"] == "fill" and default["queue"].startswith("edit.fill.")
+    assert default["model"] == "fill"
+    assert default["queue"].startswith("edit.fill.")
 
 
-def test_template_model_is_the_default_for_its_jobs_and_warm_up(alice, two_models, heartbeats, media_root, settings):
+def test_template_model_default_for_jobs(alice, two_models, heartbeats, media_root, settings):
     settings.EDITOR_CACHE_VARIANT = "hidden"
     template = upload(alice, model="inpaint").json()
     assert template["model"] == "inpaint"
@@ -178,7 +183,7 @@ def test_running_worker_publishes_its_models(celery_worker_process):
     assert any(any(queue.startswith("edit.flux.") for queue in worker.queues) for worker in workers)
 
 
-def test_editor_offers_a_model_choice_only_with_several_models(make_user, settings):
+def test_editor_model_choice_several_models(make_user, settings):
     from django.test import Client
 
     client = Client()
@@ -188,5 +193,14 @@ def test_editor_offers_a_model_choice_only_with_several_models(make_user, settin
     settings.EDITOR_MODELS = parse_models(TWO_MODELS)
     page = client.get("/", headers={"Accept-Language": "ja"}).content.decode()
     assert 'id="model"' in page
-    assert 'value="inpaint"' in page and "Stable Diffusion 2" in page
+    assert 'value="inpaint"' in page
+    assert "Stable Diffusion 2" in page
     assert "テンプレートのモデル" in page
+
+
+def test_warm_up_unknown_model_rejected(alice, two_models, media_root):
+    template = upload(alice).json()
+    response = alice.post(f"/api/templates/{template['id']}/warm/", {"model": "nope"}, format="json")
+    assert response.status_code == 400
+    assert "nope" in response.json()["model"][0]
+    assert CacheWarmup.objects.filter(template_id=template["id"], model="nope").count() == 0

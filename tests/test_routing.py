@@ -24,7 +24,7 @@ def test_custom_edges_name_queues():
     assert [bucket.queue("sd3") for bucket in buckets([0.2, 1.0])] == ["edit.sd3.m20", "edit.sd3.m100"]
 
 
-def test_all_queues_has_buckets_and_control_queue_per_model():
+def test_all_queues_per_model():
     queues = all_queues(["flux", "sd2"], EDGES)
     assert queues[4] == control_queue("flux") == "edit.flux.control"
     assert queues[-1] == "edit.sd2.control"

@@ -31,12 +31,12 @@ _engines: dict[str, Engine] = {}
 
 
 def batching_enabled(model: LoadedModel) -> bool:
-    """Whether this model's masked jobs go through the engine (it serves Flux Fill)."""
+    """Return whether this model's masked jobs go through the engine (it serves Flux Fill)."""
     return settings.EDITOR_ENGINE_MAX_BATCH > 1 and model.family.name == "flux"
 
 
 def get_engine(model: LoadedModel) -> Engine:
-    """The running engine of `model` in this process, started on first use."""
+    """Return the running engine of `model` in this process, started on first use."""
     with _lock:
         engine = _engines.get(model.name)
         if engine is None:

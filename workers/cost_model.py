@@ -7,9 +7,9 @@ Both are straight-line least-squares fits over the most recent measurements:
   is what FLOPs scale with at a fixed resolution;
 * load seconds = ``load_latency_s + load_s_per_mib * MiB`` for reading a cache entry from the disk tier.
 
-The fit starts from a calibration (stock runs of one and two steps at two sizes) or from the file a previous run
-persisted, is refitted after every job, persisted to ``<EDITOR_VAR_DIR>/cost-model/<model>.json`` and
-published with the worker's state and metrics, where the ``cost`` routing policy reads it.
+The fit starts from a calibration (stock runs of one and two steps at two sizes) or from the file a previous
+run persisted. It is refitted after every job and persisted to ``<EDITOR_VAR_DIR>/cost-model/<model>.json``.
+The worker publishes it with its state and metrics, where the ``cost`` routing policy reads it.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class CostModel:
 
     @classmethod
     def load(cls, path: Path) -> CostModel | None:
-        """The persisted model at `path`, or None when there is none or it is unreadable."""
+        """Return the persisted model at `path`, or None when it is missing or unreadable."""
         try:
             payload = json.loads(Path(path).read_text())
             fit = CostFit(**payload["fit"])

@@ -1,7 +1,7 @@
 """What a model family must provide so the worker can serve it with the shared cache, routing and benchmarks.
 
 A family wraps one stock diffusers inpainting pipeline class. The worker never touches pipeline internals
-itself: it asks the family to run the stock edit, to warm a template up (one full run that records
+itself: it calls the family to run the stock edit, to warm a template up (one full run that records
 activations) and to run a masked edit over those activations. Activations use the shared
 `TemplateActivations` format (per step and block: `k`, `v` and/or `hidden` tensors, plus the latent
 trajectory), so the cache store, its codecs and its disk tier work for every family unchanged.
@@ -31,8 +31,8 @@ DEMO_PRESETS = ("test", "demo", "bench")
 class MaskedOutput:
     """A masked edit before compositing.
 
-    `generated` is the decoded (H, W, 3) uint8 image at the working size; `latents` are the final latents in
-    the family's own layout (the same layout as `TemplateActivations.latents[-1]`).
+    `generated` is the decoded (H, W, 3) uint8 image at the working size. `latents` are the final latents in
+    the family's own layout, the same layout as `TemplateActivations.latents[-1]`.
     """
 
     generated: np.ndarray
@@ -69,11 +69,11 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def native_resolution(self, pipe: Any) -> int:
-        """The side length in pixels the model was built for (e.g. 1024 for SDXL)."""
+        """Return the side length in pixels the model was built for (e.g. 1024 for SDXL)."""
 
     @abstractmethod
     def text_tokens(self, pipe: Any, max_sequence_length: int) -> int:
-        """Text tokens each attention or cross-attention layer sees per request."""
+        """Return the text tokens that each attention or cross-attention layer receives per request."""
 
     @abstractmethod
     def flop_fraction(

@@ -12,16 +12,14 @@ import logging
 import threading
 
 import numpy as np
+import torch
 from django.conf import settings
 
 from workers.engine import Engine, EngineRequest
 from workers.families.base import MaskedOutput, StepCallback
 from workers.masked.activations import BlockCacheSource, TemplateActivations
-from workers.masked.conditioning import encode_prompt
-from workers.masked.edit import decode_latents, mask_to_pil
-from workers.masked.inference import prepare_masked_inputs
-from workers.masked.token_layout import TokenLayout
-from workers.masked.warmup import to_pil_image
+from workers.masked.edit import denoise_and_decode
+from workers.masked.inference import MaskedDenoiseInputs
 from workers.model_loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -74,22 +72,22 @@ def masked_edit(
     block_source: BlockCacheSource | None = None,
 ) -> MaskedOutput:
     """Prepare, denoise in the shared engine and decode one masked edit; exceptions of `on_step` propagate."""
-    pipe = model.pipe
-    layout = TokenLayout.from_pixel_mask(np.asarray(mask, dtype=bool), patch=model.token_pixels, dilation=dilation)
-    embedding = encode_prompt(pipe, prompt, max_sequence_length)
-    inputs = prepare_masked_inputs(
-        pipe, to_pil_image(image), mask_to_pil(mask), embedding, layout,
-        seed=seed, steps=steps, guidance_scale=guidance_scale,
+    engine = get_engine(model)
+
+    def denoise(inputs: MaskedDenoiseInputs) -> torch.Tensor:
+        handle = engine.submit(
+            EngineRequest(inputs=inputs, activations=activations, block_source=block_source, on_step=on_step)
+        )
+        # A cancel or time limit raises in `on_step` on the engine thread, which retires the request and hands
+        # that exception to `result`.
+        try:
+            return handle.result()
+        except BaseException:
+            handle.cancel()  # an interrupted job thread leaves no orphan request in the batch
+            raise
+
+    edit = denoise_and_decode(
+        model.pipe, image, mask, prompt, denoise,
+        seed=seed, steps=steps, guidance_scale=guidance_scale, max_sequence_length=max_sequence_length, dilation=dilation,
     )
-    handle = get_engine(model).submit(
-        EngineRequest(inputs=inputs, activations=activations, block_source=block_source, on_step=on_step)
-    )
-    # A cancel or time limit raises in `on_step` on the engine thread, which retires the request and hands
-    # that exception to `result`.
-    try:
-        latents = handle.result()
-    except BaseException:
-        handle.cancel()  # an interrupted job thread leaves no orphan request in the batch
-        raise
-    generated = decode_latents(pipe, latents, inputs.height, inputs.width)
-    return MaskedOutput(generated=generated, latents=latents)
+    return MaskedOutput(generated=edit.generated, latents=edit.latents)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 from editing.imaging import composite, feather_alpha
 from workers.masked.activations import BlockCacheSource, TemplateActivations
 from workers.masked.conditioning import PromptEmbedding, encode_prompt
-from workers.masked.inference import StepCallback, denoise_masked, prepare_masked_inputs
+from workers.masked.inference import MaskedDenoiseInputs, StepCallback, denoise_masked, prepare_masked_inputs
 from workers.masked.token_layout import TokenLayout
 from workers.masked.warmup import to_pil_image
 
@@ -51,6 +52,47 @@ def decode_latents(pipe: FluxFillPipeline, latents: torch.Tensor, height: int, w
     return (pixels * 255).round().astype(np.uint8)
 
 
+Denoiser = Callable[[MaskedDenoiseInputs], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DecodedEdit:
+    """Denoising inputs of one request, its final packed latents and the decoded (H, W, 3) uint8 image."""
+
+    inputs: MaskedDenoiseInputs
+    latents: torch.Tensor
+    generated: np.ndarray
+
+
+def denoise_and_decode(
+    pipe: FluxFillPipeline,
+    image: np.ndarray,
+    mask: np.ndarray,
+    prompt: str | PromptEmbedding,
+    denoise: Denoiser,
+    *,
+    seed: int,
+    steps: int,
+    guidance_scale: float,
+    max_sequence_length: int,
+    dilation: int,
+) -> DecodedEdit:
+    """Build a masked request's inputs (token layout, prompt, masked-image conditioning), denoise, decode.
+
+    `denoise` maps the inputs to final packed latents: `denoise_masked` directly, or a batching engine.
+    """
+    template = to_pil_image(image)
+    layout = TokenLayout.from_pixel_mask(np.asarray(mask, dtype=bool), patch=2 * pipe.vae_scale_factor, dilation=dilation)
+    embedding = prompt if isinstance(prompt, PromptEmbedding) else encode_prompt(pipe, prompt, max_sequence_length)
+    inputs = prepare_masked_inputs(
+        pipe, template, mask_to_pil(mask), embedding, layout, seed=seed, steps=steps, guidance_scale=guidance_scale
+    )
+    latents = denoise(inputs)
+    generated = decode_latents(pipe, latents, inputs.height, inputs.width)
+    logger.debug("Masked edit recomputed %d of %d tokens", layout.num_masked, layout.num_tokens)
+    return DecodedEdit(inputs=inputs, latents=latents, generated=generated)
+
+
 def run_cached_edit(
     pipe: FluxFillPipeline,
     activations: TemplateActivations,
@@ -73,30 +115,16 @@ def run_cached_edit(
     Tokens of 16x16 pixels that touch `mask`, dilated by `dilation` tokens, are recomputed. Pixels where the
     feathered mask weight is 0 (farther than `feather_px` from the mask) are copied from `image` unchanged.
     """
-    template = to_pil_image(image)
-    patch = 2 * pipe.vae_scale_factor
-    layout = TokenLayout.from_pixel_mask(np.asarray(mask, dtype=bool), patch=patch, dilation=dilation)
-    embedding = prompt if isinstance(prompt, PromptEmbedding) else encode_prompt(pipe, prompt, max_sequence_length)
-    inputs = prepare_masked_inputs(
-        pipe,
-        template,
-        mask_to_pil(mask),
-        embedding,
-        layout,
-        seed=seed,
-        steps=steps,
-        guidance_scale=guidance_scale,
+
+    def denoise(inputs: MaskedDenoiseInputs) -> torch.Tensor:
+        return denoise_masked(
+            pipe, activations, inputs, full_prefix_blocks=full_prefix_blocks, block_source=block_source, on_step=on_step
+        )
+
+    edit = denoise_and_decode(
+        pipe, image, mask, prompt, denoise,
+        seed=seed, steps=steps, guidance_scale=guidance_scale, max_sequence_length=max_sequence_length, dilation=dilation,
     )
-    latents = denoise_masked(
-        pipe,
-        activations,
-        inputs,
-        full_prefix_blocks=full_prefix_blocks,
-        block_source=block_source,
-        on_step=on_step,
-    )
-    generated = decode_latents(pipe, latents, inputs.height, inputs.width)
-    original = np.asarray(template, dtype=np.uint8)
-    result = composite(original, generated, feather_alpha(np.asarray(mask, dtype=bool), feather_px))
-    logger.debug("Masked edit recomputed %d of %d tokens", layout.num_masked, layout.num_tokens)
-    return CachedEditResult(image=result, generated=generated, latents=latents, layout=layout)
+    original = np.asarray(to_pil_image(image), dtype=np.uint8)
+    result = composite(original, edit.generated, feather_alpha(np.asarray(mask, dtype=bool), feather_px))
+    return CachedEditResult(image=result, generated=edit.generated, latents=edit.latents, layout=edit.inputs.layout)

@@ -1137,6 +1137,20 @@ def customized(config: BenchConfig, args: argparse.Namespace) -> BenchConfig:
         changes["systems"] = names
     if args.out_dir is not None:
         changes["out_dir"] = args.out_dir
+    if args.preset is not None:
+        from workers.demo_model import PRESETS
+
+        if args.preset not in PRESETS:
+            raise SystemExit(f"--preset {args.preset!r} is unknown; use one of {sorted(PRESETS)}.")
+        changes["preset"] = args.preset
+    if args.size is not None:
+        if args.size % 16 or not 64 <= args.size <= 1024:
+            raise SystemExit(f"--size {args.size} must be a multiple of 16 from 64 to 1024, such as 384 or 512.")
+        changes["size"] = args.size
+    if args.steps is not None:
+        if not 1 <= args.steps <= 50:
+            raise SystemExit(f"--steps {args.steps} must be from 1 to 50.")
+        changes["steps"] = args.steps
     return dataclasses.replace(config, **changes)
 
 
@@ -1151,6 +1165,10 @@ def main() -> None:
                         help="Comma-separated multiples of the baseline capacity (default 0.5,0.9,1.5,3,6).")
     parser.add_argument("--systems", default=None, help=f"Comma-separated systems (default all: {', '.join(s.name for s in SYSTEMS)}).")
     parser.add_argument("--out-dir", type=Path, default=None, help="Folder for serving.{json,md,png}.")
+    parser.add_argument("--preset", default=None,
+                        help="Demo model preset (default 'demo'; 'bench' is large enough for the transformer to dominate).")
+    parser.add_argument("--size", type=int, default=None, help="Working size in pixels, square (default 384).")
+    parser.add_argument("--steps", type=int, default=None, help="Denoising steps per job (default 16).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "editor_site.settings")

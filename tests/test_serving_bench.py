@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from dataclasses import replace
@@ -24,6 +25,7 @@ from bench.serving import (
     min_mask_ratio,
     quick_config,
     brush_mask,
+    customized,
     summarize_run,
     template_images,
     unit_arrivals,
@@ -214,3 +216,31 @@ def test_report_files_have_the_required_keys(tmp_path) -> None:
     assert "## Mask ratio mean 0.19" in text
     assert f"{headlines[0].latency_ratio:.2f}x" in text
     assert (tmp_path / "serving.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def options(**given: object) -> argparse.Namespace:
+    names = ("requests", "rates", "systems", "out_dir", "preset", "size", "steps")
+    return argparse.Namespace(**{name: given.get(name) for name in names})
+
+
+def test_model_options_change_the_config() -> None:
+    config = customized(full_config(), options(preset="bench", size=512, steps=8))
+    assert (config.preset, config.size, config.steps) == ("bench", 512, 8)
+    assert customized(full_config(), options()) == full_config()
+
+
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [
+        ({"preset": "huge"}, "--preset 'huge'"),
+        ({"size": 500}, "--size 500"),
+        ({"size": 2048}, "--size 2048"),
+        ({"steps": 0}, "--steps 0"),
+        ({"rates": "fast"}, "--rates 'fast'"),
+        ({"systems": "masked"}, "--systems 'masked'"),
+    ],
+)
+def test_bad_options_exit_naming_the_value(given: dict, named: str) -> None:
+    with pytest.raises(SystemExit) as raised:
+        customized(full_config(), options(**given))
+    assert named in str(raised.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -40,7 +41,6 @@ class Command(BaseCommand):
         var_dir = settings.VAR_DIR
         var_dir.mkdir(parents=True, exist_ok=True)
         call_command("migrate", interactive=False, verbosity=0)
-        call_command("load_demo_templates")
         self.stdout.write("Preparing the model (the built-in demo model is built once under var/)...")
         if settings.EDITOR_MODEL in ("", "demo"):
             from workers.demo_model import ensure_demo_model
@@ -59,6 +59,11 @@ class Command(BaseCommand):
                 url_file.write_text(redis_url)
                 env["REDIS_URL"] = redis_url
                 self.stdout.write(f"Embedded Redis at {redis_url}")
+            # In a child with the stack's environment, so the demo templates' warm-ups reach the broker now
+            # rather than when the reconciler finds them queued.
+            loaded = subprocess.run([sys.executable, "manage.py", "load_demo_templates"], env=env)
+            if loaded.returncode != 0:
+                raise CommandError(f"Loading the demo templates failed with exit code {loaded.returncode}; see the output above.")
             if not no_worker:
                 group.start("celery worker", worker_command(all_queues()), env=env)
             # Re-sends jobs that Redis lost or whose worker died (see editing.reconciler).

@@ -17,10 +17,12 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,7 +34,7 @@ from diffusers import FluxFillPipeline
 from PIL import Image
 
 from editing.imaging import composite, encode_png, feather_alpha, token_mask
-from workers.demo_model import ensure_demo_model
+from workers.demo_model import PRESETS, ensure_demo_model
 from workers.families import FAMILY_CLASSES, get_family
 from workers.families.base import ModelFamily
 from workers.masked.activations import TemplateActivations
@@ -433,6 +435,10 @@ def run(config: BenchConfig) -> tuple[list[Row], dict[str, object]]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "preset": config.preset,
+        "flux_transformer": (
+            f"{pipe.transformer.config.num_layers} double-stream + {pipe.transformer.config.num_single_layers} "
+            f"single-stream blocks, hidden size {pipe.transformer.inner_dim}"
+        ),
         "steps": config.steps,
         "resolution": f"{SIZE}x{SIZE}",
         "repeats": config.repeats,
@@ -555,16 +561,23 @@ def main() -> None:
                         help="family to run (default: all, or flux with --quick)")
     parser.add_argument("--out-dir", type=Path, default=None, help="folder for mask_latency.{json,md,png}")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 3, quick 1)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="Flux demo model preset (default 'bench'; 'bench-wide' has hidden size 1024)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     config = full_config(args.quick)
-    if args.out_dir is not None or args.repeats is not None:
-        config = BenchConfig(
-            config.preset, config.steps, config.ratios, config.text_lengths, args.repeats or config.repeats,
-            args.out_dir or config.out_dir, config.quick,
-        )
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats {args.repeats} must be 1 or more.")
     chosen = args.family or ("flux" if args.quick else "all")
+    if args.preset is not None and args.preset not in ("bench", config.preset) and chosen != "flux":
+        parser.error(f"--preset {args.preset} exists for Flux only; add --family flux.")
+    config = dataclasses.replace(
+        config,
+        preset=args.preset or config.preset,
+        repeats=args.repeats or config.repeats,
+        out_dir=args.out_dir or config.out_dir,
+    )
     families = list(FAMILY_CLASSES) if chosen == "all" else [chosen]
     config.out_dir.mkdir(parents=True, exist_ok=True)
     json_path = config.out_dir / "mask_latency.json"
@@ -581,6 +594,8 @@ def main() -> None:
         environment[f"{family}_warmup_s"] = family_environment["warmup_s"]
         environment[f"{family}_cache_mib"] = family_environment["cache_mib"]
     environment["load_average_at_end"] = os.getloadavg()[0]
+    # Rows of other families may come from earlier commands; this names the run that wrote the files.
+    environment["last_command"] = " ".join(["python -m bench.mask_latency", *sys.argv[1:]])
     order = list(FAMILY_CLASSES)
     rows.sort(key=lambda row: (order.index(row.family), row.text_tokens, row.target_ratio))
     json_path.write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")

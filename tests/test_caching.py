@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -230,4 +231,25 @@ def test_measured_profile_is_positive(model, tmp_path):
     assert profile.compute.seconds(200, 200) > 0
     assert profile.compute.seconds(200, 200) > profile.compute.seconds(20, 200)
     assert profile.load.bandwidth_bytes_per_s > 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_profiles_share_a_folder(model, tmp_path):
+    """Two workers that share a cache folder profile at the same time, and neither deletes the other's read file."""
+    profiles = []
+    errors: list[BaseException] = []
+
+    def profile() -> None:
+        try:
+            profiles.append(cache_streaming.measured_profile(model, 200, tmp_path))
+        except BaseException as error:  # noqa: BLE001 - reported by the assert below
+            errors.append(error)
+
+    threads = [threading.Thread(target=profile) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    assert len(profiles) == 2
     assert list(tmp_path.iterdir()) == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,9 +110,12 @@ def measured_profile(model: LoadedModel, total_tokens: int, scratch_dir: Path) -
             torch.cuda.synchronize(device)
 
     scratch_dir.mkdir(parents=True, exist_ok=True)
-    scratch = scratch_dir / "profile-read.bin"
+    # A file of its own: worker processes on one machine share the cache folder and profile at the same time.
+    descriptor, name = tempfile.mkstemp(prefix="profile-read-", suffix=".bin", dir=scratch_dir)
+    scratch = Path(name)
     sizes = [1 << 20, 8 << 20]
-    scratch.write_bytes(os.urandom(max(sizes)))
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(os.urandom(max(sizes)))
 
     def load_bytes(nbytes: int) -> None:
         with open(scratch, "rb") as handle:

@@ -82,10 +82,12 @@ class Workers:
     warmed: set[str] = field(default_factory=set)
 
     def start(self, name: str, queues: list[str], env: dict[str, str] | None = None) -> None:
+        """Start a worker; EDITOR_ENGINE_MAX_BATCH above 1 in its environment gives it the threads pool."""
         node = f"{name}-{uuid.uuid4().hex[:6]}"
+        batch = int((env or self.env).get("EDITOR_ENGINE_MAX_BATCH", "1"))
         with open(self.log_dir / f"{name}.log", "wb") as log:
             self.processes[name] = subprocess.Popen(
-                worker_command(queues, name=node), cwd=ROOT, env=env or self.env, stdout=log,
+                worker_command(queues, name=node, batch=batch), cwd=ROOT, env=env or self.env, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )
         self.hostnames[name] = node

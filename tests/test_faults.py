@@ -476,8 +476,8 @@ def test_reconciler_sees_unacked_and_priority_messages(api_client_for, fault_red
     assert report.requeued_jobs == [str(jobs[1].pk)]
 
 
-def test_redis_restart_loses_no_queued_job(api_client_for, workers, fault_redis, fault_media):
-    client = api_client_for("alice")
+def check_redis_restart_loses_no_queued_job(client, fault_redis: RedisServer, fault_media: Path) -> None:
+    """Submit four jobs, restart Redis empty, and check that each job succeeds with one stored result."""
     before = result_files(fault_media)
     jobs = [submit_full_mask_job(client, steps=20) for _ in range(4)]
 
@@ -490,6 +490,10 @@ def test_redis_restart_loses_no_queued_job(api_client_for, workers, fault_redis,
     new_files = sorted(set(result_files(fault_media)) - set(before))
     assert len(new_files) == 4
     assert sorted(fault_media / job.result.name for job in finished) == new_files
+
+
+def test_redis_restart_loses_no_queued_job(api_client_for, workers, fault_redis, fault_media):
+    check_redis_restart_loses_no_queued_job(api_client_for("alice"), fault_redis, fault_media)
 
 
 def test_dropped_database_connection_retries_job(api_client_for, workers, fault_media):
@@ -513,8 +517,8 @@ def test_dropped_database_connection_retries_job(api_client_for, workers, fault_
     assert sorted(set(result_files(fault_media)) - set(before)) == [fault_media / job.result.name]
 
 
-def test_killed_worker_job_completes_once(api_client_for, workers, fault_media):
-    client = api_client_for("alice")
+def check_killed_worker_job_completes_once(client, workers: Workers, fault_media: Path) -> None:
+    """Kill the worker of a running job and check that the job succeeds once on another worker."""
     before = result_files(fault_media)
     job = wait_until_running(submit_full_mask_job(client, steps=100), min_progress=0.05)
     victim = workers.name_of(job.worker)
@@ -526,6 +530,10 @@ def test_killed_worker_job_completes_once(api_client_for, workers, fault_media):
     assert job.attempts == 2
     assert workers.name_of(job.worker) != victim
     assert sorted(set(result_files(fault_media)) - set(before)) == [fault_media / job.result.name]
+
+
+def test_killed_worker_job_completes_once(api_client_for, workers, fault_media):
+    check_killed_worker_job_completes_once(api_client_for("alice"), workers, fault_media)
 
 
 def test_warm_shutdown_finishes_job_in_hand(api_client_for, workers, fault_media):

@@ -15,13 +15,13 @@ from tests.test_faults import (
     STALE_S,
     RedisServer,
     Workers,
+    check_killed_worker_job_completes_once,
+    check_redis_restart_loses_no_queued_job,
     fault_media,  # noqa: F401 - module fixture used by the tests below
     fault_redis,  # noqa: F401 - module fixture used by the tests below
     fault_settings,  # noqa: F401 - autouse fixture: media root, no warm-ups, no submit limit
-    result_files,
     submit_full_mask_job,
     wait_until_final,
-    wait_until_running,
 )
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -48,16 +48,7 @@ def workers(worker_env, fault_redis: RedisServer, fault_media, tmp_path_factory)
 
 def test_threads_pool_survives_redis_restart(api_client_for, workers, fault_redis, fault_media):  # noqa: F811
     client = api_client_for("alice")
-    before = result_files(fault_media)
-    jobs = [submit_full_mask_job(client, steps=20) for _ in range(4)]
-
-    # An empty Redis comes back: every queued message and the unacknowledged hash are gone.
-    fault_redis.stop()
-    fault_redis.start()
-
-    finished = wait_until_final([job.pk for job in jobs])
-    assert [job.status for job in finished] == [JobStatus.SUCCEEDED] * 4, [job.error for job in finished]
-    assert len(set(result_files(fault_media)) - set(before)) == 4
+    check_redis_restart_loses_no_queued_job(client, fault_redis, fault_media)
 
     # The workers still consume new messages after the restart, not only the re-sent ones.
     (later,) = wait_until_final([submit_full_mask_job(client, steps=2).pk])
@@ -65,15 +56,4 @@ def test_threads_pool_survives_redis_restart(api_client_for, workers, fault_redi
 
 
 def test_killed_threads_worker_job_completes_once(api_client_for, workers, fault_media):  # noqa: F811
-    client = api_client_for("alice")
-    before = result_files(fault_media)
-    job = wait_until_running(submit_full_mask_job(client, steps=100), min_progress=0.05)
-    victim = workers.name_of(job.worker)
-
-    workers.kill(victim)
-
-    (job,) = wait_until_final([job.pk])
-    assert job.status == JobStatus.SUCCEEDED, job.error
-    assert job.attempts == 2
-    assert workers.name_of(job.worker) != victim
-    assert sorted(set(result_files(fault_media)) - set(before)) == [fault_media / job.result.name]
+    check_killed_worker_job_completes_once(api_client_for("alice"), workers, fault_media)

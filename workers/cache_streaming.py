@@ -114,14 +114,14 @@ def measured_profile(model: LoadedModel, total_tokens: int, scratch_dir: Path) -
     descriptor, name = tempfile.mkstemp(prefix="profile-read-", suffix=".bin", dir=scratch_dir)
     scratch = Path(name)
     sizes = [1 << 20, 8 << 20]
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(os.urandom(max(sizes)))
 
     def load_bytes(nbytes: int) -> None:
         with open(scratch, "rb") as handle:
             torch.frombuffer(bytearray(handle.read(nbytes)), dtype=torch.uint8).to(device)
 
     try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(os.urandom(max(sizes)))
         counts = sorted({max(16, total_tokens // 4), max(32, total_tokens // 2), total_tokens})
         with model.lock:
             return profile_blocks(compute_block, counts, load_bytes, sizes, repeats=2)

@@ -476,8 +476,8 @@ def test_reconciler_sees_unacked_and_priority_messages(api_client_for, fault_red
     assert report.requeued_jobs == [str(jobs[1].pk)]
 
 
-def check_redis_restart_loses_no_queued_job(client, fault_redis: RedisServer, fault_media: Path) -> None:
-    """Submit four jobs, restart Redis empty, and check that each job succeeds with one stored result."""
+def test_redis_restart_loses_no_queued_job(api_client_for, workers, fault_redis, fault_media):
+    client = api_client_for("alice")
     before = result_files(fault_media)
     jobs = [submit_full_mask_job(client, steps=20) for _ in range(4)]
 
@@ -491,9 +491,6 @@ def check_redis_restart_loses_no_queued_job(client, fault_redis: RedisServer, fa
     assert len(new_files) == 4
     assert sorted(fault_media / job.result.name for job in finished) == new_files
 
-
-def test_redis_restart_loses_no_queued_job(api_client_for, workers, fault_redis, fault_media):
-    check_redis_restart_loses_no_queued_job(api_client_for("alice"), fault_redis, fault_media)
 
 
 def test_dropped_database_connection_retries_job(api_client_for, workers, fault_media):

@@ -520,6 +520,54 @@ def _initial_noise(pipe: Any, seed: int, height: int, width: int) -> tuple[torch
     return noise, generator
 
 
+def _run_instrumented(
+    pipe: Any,
+    blocks: UNetBlocks,
+    processors: list[object],
+    install_hooks: Callable[[], list[torch.utils.hooks.RemovableHandle]],
+    *,
+    image: Image.Image,
+    mask: Image.Image,
+    prompt: str,
+    noise: torch.Tensor,
+    generator: torch.Generator,
+    steps: int,
+    guidance_scale: float,
+    output_type: str,
+    callback: Callable[..., dict],
+) -> Any:
+    """Run the stock pipeline with `processors` on the blocks' self-attention and the hooks `install_hooks` adds.
+
+    The run uses strength 1.0, and `noise` and `generator` from `_initial_noise` keep the stock random stream.
+    The UNet's processors and hooks are restored afterwards, also when the run raises.
+    """
+    width, height = image.size
+    unet = pipe.unet
+    original = _swap_self_attention(unet, blocks, processors)
+    hooks: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        hooks = install_hooks()
+        with torch.inference_mode():
+            return pipe(
+                prompt=prompt,
+                image=image,
+                mask_image=mask,
+                height=height,
+                width=width,
+                strength=1.0,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                latents=noise,
+                output_type=output_type,
+                callback_on_step_end=callback,
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()
+        unet.set_attn_processor(original)
+
+
 def _check_size(pipe: Any, height: int, width: int) -> None:
     multiple = working_multiple(pipe)
     if height % multiple or width % multiple:
@@ -561,28 +609,11 @@ def record_run(
 
     noise, generator = _initial_noise(pipe, seed, height, width)
     processors = [RecordingSelfAttnProcessor(i, cursor, recorder) for i in range(len(blocks.blocks))]
-    original = _swap_self_attention(unet, blocks, processors)
-    hooks = _install_recording_hooks(unet, blocks, cursor, recorder)
-    try:
-        with torch.inference_mode():
-            pipe(
-                prompt=prompt,
-                image=image,
-                mask_image=mask,
-                height=height,
-                width=width,
-                strength=1.0,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                generator=generator,
-                latents=noise,
-                output_type="latent",
-                callback_on_step_end=after_step,
-            )
-    finally:
-        for hook in hooks:
-            hook.remove()
-        unet.set_attn_processor(original)
+    _run_instrumented(
+        pipe, blocks, processors, lambda: _install_recording_hooks(unet, blocks, cursor, recorder),
+        image=image, mask=mask, prompt=prompt, noise=noise, generator=generator, steps=steps,
+        guidance_scale=guidance_scale, output_type="latent", callback=after_step,
+    )
 
     if len(trajectory) != steps:
         raise RuntimeError(
@@ -687,28 +718,11 @@ def masked_run(
 
     noise, generator = _initial_noise(pipe, seed, height, width)
     processors = [CachedSelfAttnProcessor(i, cursor, source, levels) for i in range(len(blocks.blocks))]
-    original = _swap_self_attention(unet, blocks, processors)
-    hooks = _install_masked_hooks(unet, blocks, cursor, source, levels)
-    try:
-        with torch.inference_mode():
-            output = pipe(
-                prompt=prompt,
-                image=image,
-                mask_image=mask,
-                height=height,
-                width=width,
-                strength=1.0,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                generator=generator,
-                latents=noise,
-                output_type="pil",
-                callback_on_step_end=follow_trajectory,
-            )
-    finally:
-        for hook in hooks:
-            hook.remove()
-        unet.set_attn_processor(original)
+    output = _run_instrumented(
+        pipe, blocks, processors, lambda: _install_masked_hooks(unet, blocks, cursor, source, levels),
+        image=image, mask=mask, prompt=prompt, noise=noise, generator=generator, steps=steps,
+        guidance_scale=guidance_scale, output_type="pil", callback=follow_trajectory,
+    )
     if not final:
         raise RuntimeError(f"The scheduler ran fewer than {steps} steps; use one that calls the UNet once per step.")
     return MaskedOutput(generated=np.asarray(output.images[0], dtype=np.uint8), latents=final[0])

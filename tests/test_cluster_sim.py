@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy
 import pytest
 
-from bench.cluster_sim import Cluster, CostModel, Job, Scenario, build_cost_model, draw_workload, make_jobs, simulate
+from bench.cluster_sim import (
+    Cluster,
+    CostModel,
+    Job,
+    Scenario,
+    build_cost_model,
+    draw_workload,
+    make_jobs,
+    p95_margin,
+    parse_loads,
+    run,
+    simulate,
+)
 
 # Hit seconds = 1 + 0.01 x masked tokens for 0..100 tokens; a miss takes 10 s.
 COST = CostModel(hit_s_by_tokens=tuple(1.0 + 0.01 * tokens for tokens in range(101)), miss_s=10.0)
@@ -149,3 +163,29 @@ def test_workload_mask_ratio_mean_near_target() -> None:
     _, templates, masked = draw_workload(scenario, 1024)
     assert numpy.mean(masked / 1024) == pytest.approx(0.11, abs=0.005)
     assert templates.max() < scenario.templates
+
+
+def test_higher_load_queues_more_and_margins_are_per_load() -> None:
+    cost = build_cost_model(image_tokens=64)
+    scenarios = [
+        Scenario(workers=4, jobs=2000, templates=40, cache_entries=4, target_load=load, seed=5) for load in (0.5, 0.95)
+    ]
+    rows, queued = run(scenarios, cost, skip_fraction=0.05)
+    assert {(row.workers, row.load) for row in rows} == {(4, 0.5), (4, 0.95)}
+    light, heavy = (next(row for row in rows if row.load == load and row.policy == "least_requests") for load in (0.5, 0.95))
+    assert heavy.arrival_rate_per_s == pytest.approx(light.arrival_rate_per_s * 0.95 / 0.5, abs=1e-3)
+    assert heavy.mean_latency_s > light.mean_latency_s
+    assert queued[(4, 0.95, "least_requests")] > queued[(4, 0.5, "least_requests")]
+    margin = p95_margin(rows, 4, 0.95, "cost_affinity", "least_requests")
+    affinity = next(row for row in rows if row.load == 0.95 and row.policy == "cost_affinity")
+    assert margin == pytest.approx(1.0 - affinity.p95_latency_s / heavy.p95_latency_s)
+
+
+@pytest.mark.parametrize("text", ["0.8,1.0", "0", "-0.5", "0.8,x", ""])
+def test_loads_option_rejects_values_without_steady_state(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="0.8,0.9"):
+        parse_loads(text)
+
+
+def test_loads_option_accepts_fractions() -> None:
+    assert parse_loads("0.8,0.95") == (0.8, 0.95)

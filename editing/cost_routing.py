@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ logger = logging.getLogger(__name__)
 # Above this share of masked tokens the worker runs the stock computation (workers/caching.py).
 BYPASS_MASK_RATIO = 0.9
 BACKLOG_TTL_S = 24 * 3600
+# RunnerSettings.max_work_pixels when EDITOR_MAX_WORK_PIXELS is not set (workers/runner.py).
 DEFAULT_MAX_WORK_PIXELS = 1024 * 1024
 
 
@@ -71,14 +71,11 @@ class Candidate:
         return self.wait_s + self.run_s
 
 
-def image_tokens(shape: JobShape) -> int:
+def image_tokens(shape: JobShape, max_work_pixels: int) -> int:
+    """Return the image tokens of `shape` on a worker that scales images down to `max_work_pixels`."""
     spec = catalog.get(shape.model) or catalog.default_model()
     patch = spec.facts.pixels_per_token
-    try:
-        max_pixels = int(os.environ.get("EDITOR_MAX_WORK_PIXELS") or DEFAULT_MAX_WORK_PIXELS)
-    except ValueError:
-        max_pixels = DEFAULT_MAX_WORK_PIXELS  # the worker refuses to start with it; any guess is as good
-    width, height = fit_working_size(shape.width, shape.height, max_pixels, patch)
+    width, height = fit_working_size(shape.width, shape.height, max_work_pixels, patch)
     return math.ceil(width / patch) * math.ceil(height / patch)
 
 
@@ -93,7 +90,8 @@ def predict(
     cost = (load.get("costs") or {}).get(shape.model)
     if not cost:
         return None
-    tokens = image_tokens(shape)
+    # Records from workers that predate the field carry no limit, so they get the workers' default.
+    tokens = image_tokens(shape, int(load.get("max_work_pixels") or DEFAULT_MAX_WORK_PIXELS))
     text = float(cost.get("text_tokens", 0))
     resident = load.get("resident") or {}
     tier = next((name for name in ("memory", "disk") if shape.residency_token in resident.get(name, [])), "none")

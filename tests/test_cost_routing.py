@@ -69,6 +69,22 @@ def test_free_batch_slot_skips_wait():
     assert run == pytest.approx(10 * (0.01 + 0.001 * (128 + 1024)))
 
 
+def test_tokens_follow_worker_working_size():
+    record = {**load(), "max_work_pixels": 256 * 256}
+    _, run, _ = cost_routing.predict(shape(), record, 0.0, now=1000.0)
+    # The worker scales 512x512 down to 256x256: 16 x 16 tokens of 16 pixels.
+    assert run == pytest.approx(10 * (0.01 + 0.001 * (128 + 256)))
+
+
+def test_worker_publishes_working_size(monkeypatch):
+    from workers import worker_state
+
+    monkeypatch.setenv("EDITOR_MAX_WORK_PIXELS", "65536")
+    assert worker_state.snapshot()["max_work_pixels"] == 65536
+    monkeypatch.delenv("EDITOR_MAX_WORK_PIXELS")
+    assert worker_state.snapshot()["max_work_pixels"] == cost_routing.DEFAULT_MAX_WORK_PIXELS
+
+
 def test_worker_without_cost_skipped():
     assert cost_routing.predict(shape(model="other"), load(), 0.0, now=1000.0) is None
 

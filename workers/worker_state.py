@@ -23,6 +23,7 @@ from cache.keys import CacheKey
 from editor_site import redis_keys
 from workers.cost_model import CostFit, CostModel, calibrate
 from workers.model_loading import DEFAULT_VAR_DIR, LoadedModel
+from workers.runner import RunnerSettings
 from workers.template_cache import get_store
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def snapshot() -> dict[str, object]:
     return {
         "busy_until": busy_until, "running": running, "running_tokens": tokens,
         "slots": settings.EDITOR_ENGINE_MAX_BATCH, "costs": costs, "resident": resident, "pid": os.getpid(),
-        "at": time.time(),
+        "max_work_pixels": RunnerSettings.from_env().max_work_pixels, "at": time.time(),
     }
 
 

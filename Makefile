@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # PostgreSQL database used by the second half of `make test`.
 TEST_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/test
 
-.PHONY: install run test test-sqlite test-postgres browser bench clean
+.PHONY: install run test test-sqlite test-postgres browser screenshots bench clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ test: install
 
 test-sqlite:
 	DEBUG=1 $(PY) -m pytest -q
+
+# The browser tests, writing their screenshots over the README's images in docs/screenshots/.
+screenshots: install
+	DEBUG=1 EDITOR_SCREENSHOT_DIR=docs/screenshots $(PY) -m pytest -q tests/test_browser.py
 
 # The database-facing tests again on PostgreSQL (skipped with a message when none is reachable,
 # unless REQUIRE_POSTGRES=1).

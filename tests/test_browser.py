@@ -1,12 +1,14 @@
 """The editor in a real browser: Chromium -> live Django server -> Redis -> real Celery worker.
 
 Runs only where Debian's Chromium is installed at /usr/bin/chromium (``make browser``); the
-browser is never downloaded. Screenshots for the README are written to docs/screenshots/.
+browser is never downloaded. Screenshots go to var/screenshots/, or to the folder in
+EDITOR_SCREENSHOT_DIR (``make screenshots`` writes the README's images to docs/screenshots/).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+SCREENSHOTS = ROOT / os.environ.get("EDITOR_SCREENSHOT_DIR", "var/screenshots")
 JOB_TIMEOUT_MS = 300_000
 UI_TIMEOUT_MS = 30_000
 # Pixels this far from the painted mask must come back unchanged: the worker regenerates whole

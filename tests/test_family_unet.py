@@ -191,15 +191,27 @@ def test_identical_content_reproduces_warm_up(family: ModelFamily, pipe) -> None
     assert masked_relative_difference(latents, warm.latents[-1], recompute) <= TOLERANCE
 
 
+def test_cache_keeps_only_group_outputs(family: ModelFamily, pipe, request_cache: TemplateActivations) -> None:
+    blocks = UNetBlocks.of(pipe.unet)
+    outputs = blocks.group_outputs()
+    for row in request_cache.blocks:
+        assert {index for index, entry in enumerate(row) if entry.hidden is not None} == outputs
+        assert all(entry.k is not None and entry.v is not None for entry in row)
+    groups_with_several_blocks = [group for group in blocks.groups if len(group.transformer_blocks) > 1]
+    # The SDXL test preset has two blocks per Transformer2DModel at its deepest level; SD 2 has one everywhere.
+    assert len(outputs) == len(blocks.blocks) - sum(len(group.transformer_blocks) - 1 for group in groups_with_several_blocks)
+    assert (len(outputs) < len(blocks.blocks)) == (family.name == "sdxl")
+
+
 def shifted_step(activations: TemplateActivations) -> TemplateActivations:
     blocks = [activations.blocks[(step + 1) % STEPS] for step in range(STEPS)]
     return TemplateActivations(activations.metadata, activations.latents, blocks)
 
 
 def shifted_block(activations: TemplateActivations) -> TemplateActivations:
-    """Give every block the cache of the next block with the same K/V and hidden shapes."""
+    """Give every block the cache of the next block with the same K/V and hidden shapes (or no hidden)."""
     row = activations.blocks[0]
-    shapes = [(entry.k.shape, entry.hidden.shape) for entry in row]
+    shapes = [(entry.k.shape, None if entry.hidden is None else entry.hidden.shape) for entry in row]
     targets = []
     for index, shape in enumerate(shapes):
         same = [other for other in range(len(row)) if shapes[other] == shape]

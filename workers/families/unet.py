@@ -11,7 +11,8 @@ Everything runs through the stock pipeline `__call__`: attention processors (`se
 hooks record or reuse activations, and `callback_on_step_end` keeps unmasked latents on the cached trajectory.
 
 Cached tensors per step and block (both halves of the classifier-free guidance batch): `k` and `v` of the
-self-attention, (batch, heads, tokens, head_dim), and `hidden`, the block output (batch, tokens, channels).
+self-attention, (batch, heads, tokens, head_dim), and for the last block of each Transformer2DModel `hidden`,
+the block output (batch, tokens, channels), the only output a masked run reads.
 Latents keep the UNet layout: `TemplateActivations.latents` has shape (steps + 1, 4, height / 8, width / 8).
 """
 
@@ -304,10 +305,11 @@ def _attend(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torc
 
 @dataclass
 class UNetRecorder:
-    """K/V and output hidden states per (step, block) collected during a recording run."""
+    """K/V per (step, block), and output hidden states of the blocks in `output_blocks`, from a recording run."""
 
     num_steps: int
     num_blocks: int
+    output_blocks: frozenset[int]
     keys: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     values: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     hidden: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
@@ -323,9 +325,9 @@ class UNetRecorder:
             row = []
             for block in range(self.num_blocks):
                 key = (step, block)
-                if key not in self.keys or key not in self.hidden:
+                if key not in self.keys or (block in self.output_blocks and key not in self.hidden):
                     raise RuntimeError(f"The recording run produced no activations for step {step}, block {block}.")
-                row.append(BlockActivations(k=self.keys[key], v=self.values[key], hidden=self.hidden[key]))
+                row.append(BlockActivations(k=self.keys[key], v=self.values[key], hidden=self.hidden.get(key)))
             grid.append(row)
         return grid
 
@@ -429,6 +431,10 @@ class UNetBlocks:
     def index(self, block: torch.nn.Module) -> int:
         return next(i for i, candidate in enumerate(self.blocks) if candidate is block)
 
+    def group_outputs(self) -> frozenset[int]:
+        """Return the indices of the last block of each group, whose outputs a masked run reads."""
+        return frozenset(self.index(group.transformer_blocks[-1]) for group in self.groups)
+
 
 def _swap_self_attention(unet: UNet2DConditionModel, blocks: UNetBlocks, processors: list[object]) -> dict[str, Any]:
     """Install one attn1 processor per block through `set_attn_processor`; return the processors it replaces."""
@@ -465,7 +471,7 @@ def _install_recording_hooks(
         return hook
 
     hooks = [unet.register_forward_pre_hook(_step_counter(cursor))]
-    hooks += [block.register_forward_hook(store_output(i)) for i, block in enumerate(blocks.blocks)]
+    hooks += [blocks.blocks[i].register_forward_hook(store_output(i)) for i in sorted(recorder.output_blocks)]
     return hooks
 
 
@@ -598,7 +604,7 @@ def record_run(
     unet = pipe.unet
     blocks = UNetBlocks.of(unet)
     cursor = StepCursor()
-    recorder = UNetRecorder(num_steps=steps, num_blocks=len(blocks.blocks))
+    recorder = UNetRecorder(num_steps=steps, num_blocks=len(blocks.blocks), output_blocks=blocks.group_outputs())
     trajectory: list[torch.Tensor] = []
 
     def after_step(_pipe: Any, index: int, _t: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict:

@@ -30,7 +30,7 @@ class FamilyFacts:
 
 FAMILIES: dict[str, FamilyFacts] = {
     "flux": FamilyFacts("Flux Fill", 16, 1024, ("kv", "hidden")),
-    "sd3": FamilyFacts("Stable Diffusion 3", 16, 1024, ("kv",)),
+    "sd3": FamilyFacts("Stable Diffusion 3", 16, 1024, ("kv", "hidden")),
     "sdxl": FamilyFacts("Stable Diffusion XL", 8, 1024, ("kv",)),
     "sd2": FamilyFacts("Stable Diffusion 2", 8, 512, ("kv",)),
 }

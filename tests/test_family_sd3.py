@@ -122,7 +122,9 @@ def stock_latents(
     ).images[0]
 
 
-def record_request(pipe: StableDiffusion3InpaintPipeline, image: np.ndarray, mask: np.ndarray) -> TemplateActivations:
+def record_request(
+    pipe: StableDiffusion3InpaintPipeline, image: np.ndarray, mask: np.ndarray, variant: str = "kv"
+) -> TemplateActivations:
     """Activations of the stock run of the request itself: its unmasked K/V are exactly the full run's."""
     return record_activations(
         pipe,
@@ -133,6 +135,7 @@ def record_request(pipe: StableDiffusion3InpaintPipeline, image: np.ndarray, mas
         steps=STEPS,
         guidance_scale=GUIDANCE,
         max_sequence_length=TEXT_TOKENS,
+        variant=variant,
     )
 
 
@@ -213,12 +216,13 @@ def test_warm_up_equals_stock_run(pipe, warm) -> None:
     assert not torch.allclose(request_key[:heads], request_key[heads:])
 
 
+@pytest.mark.parametrize("variant", ["kv", "hidden"])
 @pytest.mark.parametrize("name", sorted(MASKS))
-def test_masked_matches_stock_with_request_cache(pipe, name) -> None:
+def test_masked_matches_stock_with_request_cache(pipe, name, variant) -> None:
     mask, dilation = MASKS[name]
     image = template_image(0)
     expected = stock_latents(pipe, image, mask, PROMPT)
-    latents = masked_latents(pipe, record_request(pipe, image, mask), mask, dilation)
+    latents = masked_latents(pipe, record_request(pipe, image, mask, variant), mask, dilation)
     tokens = token_mask(mask, patch=16, dilation=dilation)
 
     assert relative_difference(masked_part(latents, tokens), masked_part(expected, tokens)) < TOLERANCE
@@ -285,11 +289,12 @@ class ShiftedLayerSource:
         return self._activations.get(step, block - 1 if block > 0 else 1)
 
 
+@pytest.mark.parametrize("variant", ["kv", "hidden"])
 @pytest.mark.parametrize("wrong_source", [ShiftedStepSource, ShiftedLayerSource])
-def test_shifted_cache_breaks_exactness(pipe, wrong_source) -> None:
+def test_shifted_cache_breaks_exactness(pipe, wrong_source, variant) -> None:
     mask, dilation = MASKS["large"]
     image = template_image(0)
-    cache = record_request(pipe, image, mask)
+    cache = record_request(pipe, image, mask, variant)
     expected = stock_latents(pipe, image, mask, PROMPT)
     latents = masked_latents(pipe, cache, mask, dilation, source=wrong_source(cache))
     tokens = token_mask(mask, patch=16, dilation=dilation)
@@ -310,6 +315,24 @@ def test_cache_of_other_template_breaks_exactness(pipe) -> None:
     tokens = token_mask(mask, patch=16, dilation=dilation)
 
     assert relative_difference(masked_part(latents, tokens), masked_part(expected, tokens)) > 30 * TOLERANCE
+
+
+def test_hidden_variant_halves_cache(pipe, warm) -> None:
+    hidden = FAMILY.warm_up(
+        pipe, template_image(0), seed=SEED, steps=STEPS, guidance_scale=GUIDANCE, variant="hidden",
+        prompt=WARMUP_PROMPT, max_sequence_length=TEXT_TOKENS,
+    )
+    mask, dilation = MASKS["small-dilated"]
+    settings = dict(seed=SEED, steps=STEPS, guidance_scale=GUIDANCE, max_sequence_length=TEXT_TOKENS, dilation=dilation)
+    from_kv = FAMILY.masked_edit(pipe, warm, template_image(0), mask, PROMPT, **settings)
+    from_hidden = FAMILY.masked_edit(pipe, hidden, template_image(0), mask, PROMPT, **settings)
+    block_bytes = [sum(entry.nbytes for row in cache.blocks for entry in row) for cache in (warm, hidden)]
+
+    assert hidden.metadata.variant == "hidden"
+    assert all(entry.k is None and entry.hidden is not None for row in hidden.blocks for entry in row)
+    assert block_bytes[1] * 2 == block_bytes[0]
+    assert torch.equal(hidden.latents, warm.latents)
+    assert relative_difference(from_hidden.latents, from_kv.latents) < TOLERANCE
 
 
 def test_stock_and_masked_edit_outputs(pipe, warm) -> None:
@@ -353,22 +376,28 @@ class ConstantSource:
         return self._entry
 
 
-def counted_flops(pipe, text: TextConditioning, layout: TokenLayout | None) -> int:
+def counted_flops(pipe, text: TextConditioning, layout: TokenLayout | None, variant: str = "kv") -> int:
     """FLOPs torch counts for one transformer pass; the math attention kernel makes attention countable."""
     transformer = pipe.transformer
     latents = torch.zeros(1, 16, SIZE // 8, SIZE // 8)
-    shape = (transformer.config.num_attention_heads * text.batch, GRID * GRID, transformer.config.attention_head_dim)
-    source = ConstantSource(BlockActivations(k=torch.zeros(shape), v=torch.zeros(shape)))
+    heads, head_dim = transformer.config.num_attention_heads, transformer.config.attention_head_dim
+    if variant == "hidden":
+        entry = BlockActivations(hidden=torch.zeros(text.batch, GRID * GRID, heads * head_dim))
+    else:
+        shape = (heads * text.batch, GRID * GRID, head_dim)
+        entry = BlockActivations(k=torch.zeros(shape), v=torch.zeros(shape))
+    source = ConstantSource(entry)
     with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         if layout is None:
             predict(pipe, latents[0], text, torch.tensor(500.0))
         else:
-            with masked_transformer(transformer, source, layout, StepCursor()):
+            with masked_transformer(transformer, source, layout, StepCursor(), variant):
                 predict(pipe, latents[0], text, torch.tensor(500.0))
     return counter.get_total_flops()
 
 
-def test_flop_fraction_matches_counted_flops(pipe) -> None:
+@pytest.mark.parametrize("variant", ["kv", "hidden"])
+def test_flop_fraction_matches_counted_flops(pipe, variant) -> None:
     text = encode_text(pipe, PROMPT, GUIDANCE, TEXT_TOKENS)
     text_tokens = FAMILY.text_tokens(pipe, TEXT_TOKENS)
     full = np.ones((GRID, GRID), dtype=bool)
@@ -377,11 +406,11 @@ def test_flop_fraction_matches_counted_flops(pipe) -> None:
     shrinking[2][1:4, 1:5] = True
     shrinking[3][2, 3] = True
     fractions = [
-        FAMILY.flop_fraction(pipe, height=SIZE, width=SIZE, token_mask=m, text_tokens=text_tokens, variant="kv")
+        FAMILY.flop_fraction(pipe, height=SIZE, width=SIZE, token_mask=m, text_tokens=text_tokens, variant=variant)
         for m in shrinking
     ]
     counted_full = counted_flops(pipe, text, None)
-    counted_masked = counted_flops(pipe, text, TokenLayout.from_token_mask(shrinking[2]))
+    counted_masked = counted_flops(pipe, text, TokenLayout.from_token_mask(shrinking[2]), variant)
 
     assert fractions[0] == 1.0
     assert all(a > b for a, b in zip(fractions, fractions[1:]))

@@ -8,8 +8,10 @@ attend to their own fresh K/V plus the warm-up's cached K/V of the other image t
 layer. Every latent outside the latent mask follows the cached trajectory, because the stock blend puts it there.
 
 The stock `SD3Transformer2DModel` runs unchanged. Attention processors (installed with `set_attn_processor`)
-record or reuse K/V. A forward hook on `pos_embed` keeps only the masked tokens after the positional embedding,
-and a forward hook on `proj_out` scatters their outputs back onto the full token grid before unpatchify.
+record or reuse K/V. The "hidden" cache variant stores the image tokens' hidden states entering each attention
+layer instead, at half the bytes, and the masked run recomputes the unmasked tokens' K/V from them. A forward
+hook on `pos_embed` keeps only the masked tokens after the positional embedding. A forward hook on `proj_out`
+scatters their outputs back onto the full token grid before unpatchify.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from workers.masked.activations import (
     BlockCacheSource,
     InMemoryBlockCacheSource,
     TemplateActivations,
+    Variant,
 )
 from workers.masked.edit import mask_to_pil
 from workers.masked.processors import ActivationRecorder, StepCursor
@@ -277,9 +280,11 @@ def _output(
 
 
 class RecordingJointAttnProcessor:
-    """Stock SD3 attention that also stores the image tokens' K and V, shape (B * heads, N_img, head_dim).
+    """Stock SD3 attention that also stores the image tokens' activations.
 
-    B is 2 under classifier-free guidance (unconditional half first), so both halves are kept.
+    Variant "kv" stores their K and V, shape (B * heads, N_img, head_dim); variant "hidden" stores the hidden
+    states entering the layer, shape (B, N_img, D). B is 2 under classifier-free guidance (unconditional half
+    first), so both halves are kept.
     """
 
     def __init__(self, layer: int, cursor: StepCursor, recorder: ActivationRecorder) -> None:
@@ -297,10 +302,13 @@ class RecordingJointAttnProcessor:
         num_image = hidden_states.shape[1]
         query, key, value = _project(attn, hidden_states, encoder_hidden_states)
         head_dim = key.shape[-1]
-        entry = BlockActivations(
-            k=key[:, :, :num_image].reshape(-1, num_image, head_dim).clone(),
-            v=value[:, :, :num_image].reshape(-1, num_image, head_dim).clone(),
-        )
+        if self.recorder.variant == "hidden":
+            entry = BlockActivations(hidden=hidden_states.clone())
+        else:
+            entry = BlockActivations(
+                k=key[:, :, :num_image].reshape(-1, num_image, head_dim).clone(),
+                v=value[:, :, :num_image].reshape(-1, num_image, head_dim).clone(),
+            )
         self.recorder.store(self.cursor.step, self.layer, entry)
         attended = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         return _output(attn, attended.to(query.dtype), num_image, encoder_hidden_states is not None)
@@ -312,11 +320,14 @@ class CachedJointAttnProcessor:
     Attention is permutation invariant over keys, so the cached keys follow the fresh ones.
     """
 
-    def __init__(self, layer: int, cursor: StepCursor, source: BlockCacheSource, unmasked: torch.Tensor) -> None:
+    def __init__(
+        self, layer: int, cursor: StepCursor, source: BlockCacheSource, unmasked: torch.Tensor, variant: Variant = "kv"
+    ) -> None:
         self.layer = layer
         self.cursor = cursor
         self.source = source
         self.unmasked = unmasked
+        self.variant = variant
         # (B, heads, S_fresh + N_unmasked, head_dim), reused across steps: allocating and concatenating anew on
         # every call costs more than the copies themselves.
         self._key_buffer: torch.Tensor | None = None
@@ -343,22 +354,45 @@ class CachedJointAttnProcessor:
         query, key, value = _project(attn, hidden_states, encoder_hidden_states)
         batch, heads, fresh_tokens, head_dim = key.shape
         entry = self.source.get(self.cursor.step, self.layer)
-        if entry.k is None or entry.v is None:
-            raise ValueError(f"Cached layer {self.layer} at step {self.cursor.step} has no K/V tensors.")
-        if entry.k.shape[0] != batch * heads:
-            raise ValueError(
-                f"Invalid cached K/V for layer {self.layer}: {entry.k.shape[0]} batch x head rows, expected "
-                f"{batch * heads}. Warm the template up with the request's guidance scale."
-            )
         key_buffer, value_buffer = self._buffers(key)
         key_buffer[:, :, :fresh_tokens].copy_(key)
         value_buffer[:, :, :fresh_tokens].copy_(value)
-        # Rows (B * heads) of the buffers, as the cache stores them; the cached keys go after the fresh ones.
-        rows = (batch * heads, key_buffer.shape[2], head_dim)
-        torch.index_select(entry.k, 1, self.unmasked, out=key_buffer.view(rows)[:, fresh_tokens:])
-        torch.index_select(entry.v, 1, self.unmasked, out=value_buffer.view(rows)[:, fresh_tokens:])
+        if self.variant == "hidden":
+            self._recompute_cached(attn, entry, key_buffer[:, :, fresh_tokens:], value_buffer[:, :, fresh_tokens:])
+        else:
+            if entry.k is None or entry.v is None:
+                raise ValueError(f"Cached layer {self.layer} at step {self.cursor.step} has no K/V tensors.")
+            if entry.k.shape[0] != batch * heads:
+                raise ValueError(
+                    f"Invalid cached K/V for layer {self.layer}: {entry.k.shape[0]} batch x head rows, expected "
+                    f"{batch * heads}. Warm the template up with the request's guidance scale."
+                )
+            # Rows (B * heads) of the buffers, as the cache stores them; the cached keys go after the fresh ones.
+            rows = (batch * heads, key_buffer.shape[2], head_dim)
+            torch.index_select(entry.k, 1, self.unmasked, out=key_buffer.view(rows)[:, fresh_tokens:])
+            torch.index_select(entry.v, 1, self.unmasked, out=value_buffer.view(rows)[:, fresh_tokens:])
         attended = F.scaled_dot_product_attention(query, key_buffer, value_buffer, dropout_p=0.0, is_causal=False)
         return _output(attn, attended.to(query.dtype), hidden_states.shape[1], encoder_hidden_states is not None)
+
+    def _recompute_cached(
+        self, attn: Attention, entry: BlockActivations, key_cache: torch.Tensor, value_cache: torch.Tensor
+    ) -> None:
+        """Compute the unmasked tokens' K/V from their cached hidden states into views (B, heads, N_unmasked, d)."""
+        if entry.hidden is None:
+            raise ValueError(f"Cached layer {self.layer} at step {self.cursor.step} has no hidden states.")
+        batch, heads, _tokens, head_dim = key_cache.shape
+        if entry.hidden.shape[0] != batch:
+            raise ValueError(
+                f"Invalid cached hidden states for layer {self.layer}: batch {entry.hidden.shape[0]}, expected "
+                f"{batch}. Warm the template up with the request's guidance scale."
+            )
+        hidden = entry.hidden.index_select(1, self.unmasked)
+        key = attn.to_k(hidden).view(batch, -1, heads, head_dim).transpose(1, 2)
+        value = attn.to_v(hidden).view(batch, -1, heads, head_dim).transpose(1, 2)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        key_cache.copy_(key)
+        value_cache.copy_(value)
 
 
 # Warm-up ------------------------------------------------------------------------------------------------------
@@ -374,9 +408,11 @@ def record_activations(
     steps: int,
     guidance_scale: float,
     max_sequence_length: int,
+    variant: Variant = "kv",
     on_progress: StepCallback | None = None,
 ) -> TemplateActivations:
-    """Run the stock pipeline (strength 1.0) on `image` and `mask` and record every step's and layer's image K/V.
+    """Run the stock pipeline (strength 1.0) on `image` and `mask` and record every step's and layer's image K/V
+    (or, for variant "hidden", the image hidden states entering each layer).
 
     `latents` contains the transformer input latents (16, h, w) of every step, then the final latents. With an empty
     `mask` this is the warm-up; with a request's mask it records what a full run of that request computes.
@@ -386,7 +422,7 @@ def record_activations(
     transformer = pipe.transformer
     layers = attention_layers(transformer)
     cursor = StepCursor()
-    recorder = ActivationRecorder("kv", steps, len(layers), grid[0] * grid[1])
+    recorder = ActivationRecorder(variant, steps, len(layers), grid[0] * grid[1])
     trajectory: list[torch.Tensor] = []
 
     def record_input_latents(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -427,7 +463,7 @@ def record_activations(
     final_latents = output.images[0]
     trajectory.append(final_latents.clone())
     metadata = ActivationsMetadata(
-        variant="kv",
+        variant=variant,
         num_steps=steps,
         num_blocks=len(layers),
         num_double_blocks=len(layers),
@@ -527,11 +563,16 @@ def latent_mask(pipe: StableDiffusion3InpaintPipeline, mask: Image.Image, dtype:
 
 @contextmanager
 def masked_transformer(
-    transformer: SD3Transformer2DModel, source: BlockCacheSource, layout: TokenLayout, cursor: StepCursor
+    transformer: SD3Transformer2DModel,
+    source: BlockCacheSource,
+    layout: TokenLayout,
+    cursor: StepCursor,
+    variant: Variant = "kv",
 ) -> Iterator[None]:
     """Make transformer calls inside the `with` block run only text and masked image tokens through the blocks.
 
-    Queries also attend to the cached K/V (of step `cursor.step`) of the unmasked tokens. The output contains
+    Queries also attend to the K/V (of step `cursor.step`) of the unmasked tokens, cached or, for variant
+    "hidden", computed from their cached hidden states. The output contains
     the masked tokens' predictions and zeros elsewhere. Processors and hooks are restored on exit.
     """
     masked = layout.masked.to(transformer.device)
@@ -547,7 +588,7 @@ def masked_transformer(
     original = transformer.attn_processors
     transformer.set_attn_processor(
         {
-            name: CachedJointAttnProcessor(layer, cursor, source, unmasked)
+            name: CachedJointAttnProcessor(layer, cursor, source, unmasked, variant)
             for layer, (name, _attn) in enumerate(attention_layers(transformer))
         }
     )
@@ -571,8 +612,12 @@ def check_compatible(
     dtype: torch.dtype,
 ) -> None:
     """Raise ValueError when cached activations were recorded with settings other than the request's."""
+    if metadata.variant not in SD3Family.variants:
+        raise ValueError(
+            f"Cached variant {metadata.variant!r} is not supported by SD3; warm the template up with one of "
+            f"{SD3Family.variants}."
+        )
     expected = {
-        "variant": (metadata.variant, "kv"),
         "seed": (metadata.seed, seed),
         "steps": (metadata.num_steps, steps),
         "guidance_scale": (metadata.guidance_scale, float(guidance_scale)),
@@ -627,7 +672,7 @@ def denoise_masked(
     cursor = StepCursor()
 
     latents = trajectory[0].unsqueeze(0).clone()
-    with torch.inference_mode(), masked_transformer(transformer, source, layout, cursor):
+    with torch.inference_mode(), masked_transformer(transformer, source, layout, cursor, metadata.variant):
         for index, t in enumerate(timesteps):
             cursor.step = index
             model_input = torch.cat([latents] * text.batch)
@@ -663,12 +708,16 @@ def decode_latents(pipe: StableDiffusion3InpaintPipeline, latents: torch.Tensor)
 # FLOPs --------------------------------------------------------------------------------------------------------
 
 
-def transformer_flops(config: Any, *, text_tokens: int, image_tokens: int, queries: int) -> float:
+def transformer_flops(
+    config: Any, *, text_tokens: int, image_tokens: int, queries: int, recomputed: int = 0
+) -> float:
     """Return the FLOPs of one SD3Transformer2DModel forward pass per batch item (a multiply-add is 2 FLOPs).
 
     `queries` image tokens pass through the blocks (all of them in a stock pass); they attend to all
-    `image_tokens` keys. Counted: linear layers, the patch embedding (always on every token) and attention
-    (QK^T and AV). Not counted: norms, activations and softmax, which are linear in the token count and small.
+    `image_tokens` keys. Each attention layer also projects the K and V of `recomputed` more image tokens
+    from cached hidden states (the "hidden" cache variant). Counted: linear layers, the patch embedding (always
+    on every token) and attention (QK^T and AV). Not counted: norms, activations and softmax, which are linear in
+    the token count and small.
     """
     d = config.num_attention_heads * config.attention_head_dim
     patch_channels = config.patch_size**2 * config.in_channels
@@ -685,12 +734,14 @@ def transformer_flops(config: Any, *, text_tokens: int, image_tokens: int, queri
         text_modulation = 2 if context_pre_only else 6
         total += 2 * d * (image_modulation * d) + 2 * d * (text_modulation * d)
         total += 2 * (queries + text) * d * (3 * d)  # Q, K, V projections
+        total += 2 * recomputed * d * (2 * d)  # K, V of unmasked tokens from cached hidden states
         total += 2 * 2 * (queries + text) * keys * d  # attention
         total += 2 * queries * d * d + 2 * 2 * queries * d * (4 * d)  # image output projection and MLP
         if not context_pre_only:
             total += 2 * text * d * d + 2 * 2 * text * d * (4 * d)  # text output projection and MLP
         if dual:
             total += 2 * queries * d * (4 * d) + 2 * 2 * queries * image_tokens * d  # image-only attention
+            total += 2 * recomputed * d * (2 * d)
     total += 2 * d * (2 * d) + 2 * queries * d * out_channels  # output norm modulation and projection
     return float(total)
 
@@ -703,7 +754,7 @@ class SD3Family(ModelFamily):
 
     name: ClassVar[str] = "sd3"
     pipeline_class: ClassVar[type] = StableDiffusion3InpaintPipeline
-    variants: ClassVar[tuple[str, ...]] = ("kv",)
+    variants: ClassVar[tuple[str, ...]] = ("kv", "hidden")
 
     def build_demo(self, folder: Path, preset: str, *, seed: int = 0) -> None:
         build_sd3_demo(folder, preset=preset, seed=seed)
@@ -728,7 +779,11 @@ class SD3Family(ModelFamily):
         tokens = np.asarray(token_mask, dtype=bool)
         config = pipe.transformer.config
         full = transformer_flops(config, text_tokens=text_tokens, image_tokens=tokens.size, queries=tokens.size)
-        masked = transformer_flops(config, text_tokens=text_tokens, image_tokens=tokens.size, queries=int(tokens.sum()))
+        queries = int(tokens.sum())
+        recomputed = tokens.size - queries if variant == "hidden" else 0
+        masked = transformer_flops(
+            config, text_tokens=text_tokens, image_tokens=tokens.size, queries=queries, recomputed=recomputed
+        )
         return min(1.0, masked / full)
 
     def stock_edit(
@@ -794,6 +849,7 @@ class SD3Family(ModelFamily):
             steps=steps,
             guidance_scale=guidance_scale,
             max_sequence_length=max_sequence_length,
+            variant=variant,
             on_progress=on_progress,
         )
         logger.info(

@@ -16,6 +16,7 @@ from django.db import transaction
 from django.db.models import F
 
 from editing import catalog, cost_routing, imaging, jobstate
+from editing.params import check_generation
 from editing.models import EditJob, JobStatus, Template
 from editing.routing import bucket_for
 from editor_site.celery import app as celery_app
@@ -86,6 +87,7 @@ def submit_job(
 
     `model` must be a served model's name (the API checks it); None takes the template's model.
     """
+    check_generation(seed=seed, steps=steps, guidance=guidance)
     spec = job_model(template, model)
     ratio = token_mask_ratio(mask, spec)
     bucket = bucket_for(ratio)

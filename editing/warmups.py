@@ -14,6 +14,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from editing import catalog
+from editing.params import check_generation
 from editing.models import CacheWarmup, JobStatus, Template
 from editing.routing import control_queue
 from editor_site.celery import app as celery_app
@@ -45,6 +46,7 @@ def request_warmup(
         "variant": cache_variant(spec),
         "model": spec.name,
     }
+    check_generation(seed=params["seed"], steps=params["steps"], guidance=params["guidance"])
     with transaction.atomic():
         active = template.warmups.filter(status__in=[JobStatus.QUEUED, JobStatus.RUNNING], **params).first()
         if active is not None:

@@ -74,3 +74,32 @@ def test_edit_rejects_bad_steps(demo_user, mask_file, tmp_path, settings):
         call_command(
             "edit", image=PHOTOS / "coffee.png", mask=mask_file, prompt="x", out=tmp_path / "o.png", steps=0
         )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("guidance", [float("inf"), float("nan"), -1.0, 100.5])
+def test_edit_rejects_bad_guidance(demo_user, mask_file, tmp_path, guidance):
+    with pytest.raises(CommandError, match="--guidance must be a finite number between 0 and 100"):
+        call_command(
+            "edit", image=PHOTOS / "coffee.png", mask=mask_file, prompt="x", out=tmp_path / "o.png", guidance=guidance
+        )
+    assert not tmp_path.joinpath("o.png").exists()
+
+
+@pytest.mark.django_db
+def test_services_reject_unstorable_guidance(demo_user):
+    from editing import services, warmups
+
+    image = imaging.read_template((PHOTOS / "coffee.png").read_bytes(), max_pixels=10**7, max_bytes=10**8)
+    template = services.create_template(owner=demo_user, name="coffee", image=image)
+    mask = np.zeros(image.shape[:2], dtype=bool)
+    mask[10:50, 10:50] = True
+    jobs_before, warmups_before = template.jobs.count(), template.warmups.count()
+    with pytest.raises(ValueError, match="guidance"):
+        services.submit_job(
+            owner=demo_user, template=template, mask=mask, prompt="x", seed=0, steps=4, guidance=float("inf")
+        )
+    with pytest.raises(ValueError, match="guidance"):
+        warmups.request_warmup(template, seed=0, steps=4, guidance=float("nan"))
+    assert template.jobs.count() == jobs_before
+    assert template.warmups.count() == warmups_before

@@ -15,9 +15,8 @@ from rest_framework import serializers
 from editing import catalog, fleet, imaging, services
 from editing.api.fields import BoundedFloatField, BoundedIntegerField, echo
 from editing.models import CacheWarmup, EditJob, Template
+from editing.params import MAX_GUIDANCE, MAX_SEED
 
-MAX_SEED = 2**32 - 1
-MAX_GUIDANCE = 100.0
 # Longer side over shorter side. A 1x100000 strip fits the pixel limit but is no photo or banner, and
 # at the working size it degenerates to a one-pixel-wide column.
 MAX_ASPECT_RATIO = 16

@@ -11,6 +11,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from editing import catalog, imaging, services
 from editing.models import EditJob, JobStatus, Template
+from editing.params import generation_error
 from editor_site.celery import app as celery_app
 
 POLL_INTERVAL_S = 0.5
@@ -38,17 +39,19 @@ class Command(BaseCommand):
         parser.add_argument("--model", default="", help="Served model name (default: the first in EDITOR_MODELS).")
 
     def handle(self, *args, **options) -> None:
-        if not 1 <= options["steps"] <= settings.EDITOR_MAX_STEPS:
-            raise CommandError(f"--steps must be between 1 and {settings.EDITOR_MAX_STEPS}; got {options['steps']}.")
-        if not 0 <= options["seed"] <= 2**32 - 1:
-            raise CommandError(f"--seed must be between 0 and {2**32 - 1}; got {options['seed']}.")
+        error = generation_error(seed=options["seed"], steps=options["steps"], guidance=options["guidance"])
+        if error is not None:
+            raise CommandError(f"--{error[1]}")
         prompt = options["prompt"].strip()
         if not prompt:
             raise CommandError("--prompt is empty; describe what the masked region should show.")
 
         owner = get_user_model().objects.filter(username=options["user"]).first()
         if owner is None:
-            raise CommandError(f"User '{options['user']}' does not exist; run 'make run' once or pass --user.")
+            raise CommandError(
+                f"User '{options['user']}' does not exist; pass --user with an existing user name "
+                "('make run' creates the user 'demo')."
+            )
         model = catalog.get(options["model"]) if options["model"] else catalog.default_model()
         if model is None:
             raise CommandError(f"--model {options['model']!r} is not served; use one of {catalog.names()}.")

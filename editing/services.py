@@ -46,11 +46,14 @@ def create_template(*, owner, name: str, image: np.ndarray, model: str = "") -> 
         model=model or catalog.default_model().name,
     )
     template.image.save(f"{uuid.uuid4().hex}.png", ContentFile(imaging.encode_png(image)), save=False)
-    template.save()
-    if settings.EDITOR_WARMUP_ON_CREATE:
-        from editing.warmups import request_warmup
+    # The template and its warm-up commit together, so a failure leaves neither alone. The warm-up is sent
+    # after the commit.
+    with transaction.atomic():
+        template.save()
+        if settings.EDITOR_WARMUP_ON_CREATE:
+            from editing.warmups import request_warmup
 
-        request_warmup(template, requested_by=owner)
+            request_warmup(template, requested_by=owner)
     logger.info("template %s created for user %s: %dx%d", template.pk, owner.pk, width, height)
     return template
 

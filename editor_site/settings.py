@@ -93,8 +93,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A fresh checkout has no var/ yet, and SQLite does not create missing folders.
     Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
     VAR_DIR.mkdir(parents=True, exist_ok=True)
-    # Workers and the web server write the same file; wait for locks instead of failing at once.
-    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 30
+    # Workers and the web server write one file, so writers wait for the lock. IMMEDIATE takes it at BEGIN,
+    # because SQLite fails a read-then-write transaction at once. WAL lets readers go on during a write.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {"timeout": 30, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"}
+    )
     # Tests run a real worker process, which cannot see an in-memory database; the process id keeps
     # concurrent test runs on one checkout apart.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / f"test-db-{os.getpid()}.sqlite3")}

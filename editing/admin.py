@@ -15,7 +15,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
-from editing import warmups
+from editing import services, warmups
 from editing.models import CacheOutcome, CacheWarmup, EditJob, Template
 from editing.pages import cache_outcome_label, cache_variant_label, phase_timings, total_text
 
@@ -192,16 +192,31 @@ class EditJobAdmin(admin.ModelAdmin):
     list_select_related = ["owner", "template"]
     search_fields = ["id", "prompt"]
     date_hierarchy = "created_at"
+    # Every field is read-only: a job's record must keep matching its result, and cancelling goes through the
+    # action, which moves the job through its state machine as the API does.
     readonly_fields = [
-        "result_preview", "model", "status", "progress", "mask_ratio", "bucket", "queue_name", "cache_outcome",
-        "cache_variant", "cache_key", "flop_fraction", "timings_table", "result", "error", "worker",
-        "attempts", "created_at", "started_at", "finished_at", "updated_at",
+        "result_preview", "owner", "template", "model", "prompt", "seed", "steps", "guidance", "mask", "status",
+        "cancel_requested", "progress", "mask_ratio", "bucket", "queue_name", "cache_outcome", "cache_variant",
+        "cache_key", "flop_fraction", "timings_table", "result", "error", "worker", "attempts", "created_at",
+        "started_at", "finished_at", "updated_at",
     ]
     exclude = ["timings"]
+    actions = ["cancel_jobs"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         # Jobs are submitted through the API, which validates the mask and queues the job.
         return False
+
+    @admin.action(description=gettext_lazy("Cancel the selected jobs"))
+    def cancel_jobs(self, request: HttpRequest, queryset: QuerySet[EditJob]) -> None:
+        cancelled = sum(services.cancel_job(job) for job in queryset)
+        finished = queryset.count() - cancelled
+        self.message_user(
+            request,
+            _("Jobs cancelled: %(cancelled)d (running ones stop after their current step). Already finished: "
+              "%(finished)d.") % {"cancelled": cancelled, "finished": finished},
+            messages.SUCCESS,
+        )
 
     def get_urls(self):
         urls = [
@@ -255,7 +270,7 @@ class CacheWarmupAdmin(admin.ModelAdmin):
     list_filter = ["status", "model", "variant", "cache_tier"]
     list_select_related = ["template"]
     readonly_fields = [
-        "template", "requested_by", "seed", "steps", "guidance", "variant", "status", "progress", "cache_key",
+        "template", "requested_by", "model", "seed", "steps", "guidance", "variant", "status", "progress", "cache_key",
         "cache_bytes", "cache_tier", "worker", "timings_table", "error", "attempts", "created_at", "started_at",
         "finished_at", "updated_at",
     ]

@@ -32,7 +32,9 @@ def result_upload_path(instance: "EditJob", filename: str) -> str:
 
 
 class Template(models.Model):
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="templates")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="templates", verbose_name=_("owner")
+    )
     name = models.CharField(_("name"), max_length=200)
     image = models.FileField(_("image"), upload_to=template_upload_path)
     # Upright size, after EXIF orientation.
@@ -68,9 +70,11 @@ FINAL_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 class EditJob(models.Model):
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="edit_jobs")
-    template = models.ForeignKey(Template, on_delete=models.CASCADE, related_name="jobs")
+    id = models.UUIDField("ID", primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="edit_jobs", verbose_name=_("owner")
+    )
+    template = models.ForeignKey(Template, on_delete=models.CASCADE, related_name="jobs", verbose_name=_("template"))
     mask = models.FileField(_("mask"), upload_to=mask_upload_path)
     prompt = models.TextField(_("prompt"))
     seed = models.BigIntegerField(_("seed"))
@@ -138,9 +142,12 @@ class CacheOutcome(models.TextChoices):
 class CacheWarmup(models.Model):
     """One full inference on a template with nothing masked, recording its activations in a worker's cache."""
 
-    template = models.ForeignKey(Template, on_delete=models.CASCADE, related_name="warmups")
+    template = models.ForeignKey(
+        Template, on_delete=models.CASCADE, related_name="warmups", verbose_name=_("template")
+    )
     requested_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+",
+        verbose_name=_("requested by"),
     )
     seed = models.BigIntegerField(_("seed"))
     steps = models.PositiveIntegerField(_("steps"))

@@ -282,3 +282,38 @@ def test_admin_drop_cache_action_marks_warmups(staff_client, coffee_job):
     assert response.status_code == 302
     warmup.refresh_from_db()
     assert warmup.dropped_at is not None
+
+
+def test_admin_job_fields_cannot_be_changed(staff_client, coffee_job):
+    EditJob.objects.filter(pk=coffee_job.pk).update(status=JobStatus.SUCCEEDED)
+    url = f"/admin/editing/editjob/{coffee_job.pk}/change/"
+    detail = staff_client.get(url).content.decode()
+    staff_client.post(url, {"prompt": "changed", "guidance": "99", "seed": "5", "cancel_requested": "on"})
+    coffee_job.refresh_from_db()
+
+    assert 'name="prompt"' not in detail
+    assert 'name="guidance"' not in detail
+    assert 'name="owner"' not in detail
+    assert coffee_job.prompt != "changed"
+    assert coffee_job.guidance != 99
+    assert coffee_job.cancel_requested is False
+
+
+def test_admin_warmup_model_cannot_be_changed(staff_client, coffee_job):
+    from editing.models import CacheWarmup
+
+    warmup = CacheWarmup.objects.create(template=coffee_job.template, seed=0, steps=4, guidance=30.0, variant="kv")
+    detail = staff_client.get(f"/admin/editing/cachewarmup/{warmup.pk}/change/").content.decode()
+    assert 'name="model"' not in detail
+
+
+def test_admin_cancel_action_cancels_queued_job(staff_client, coffee_job):
+    response = staff_client.post(
+        "/admin/editing/editjob/", {"action": "cancel_jobs", "_selected_action": [str(coffee_job.pk)]}, follow=True
+    )
+    coffee_job.refresh_from_db()
+
+    assert coffee_job.status == JobStatus.CANCELLED
+    assert "Jobs cancelled: 1 (running ones stop after their current step). Already finished: 0." in (
+        response.content.decode()
+    )

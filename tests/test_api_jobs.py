@@ -157,3 +157,72 @@ def test_malformed_job_id_is_404(alice):
 def test_delete_template_with_queued_job_conflicts(alice, coffee):
     submit(alice, coffee["id"], stroke_mask(600, 400))
     assert alice.delete(f"/api/templates/{coffee['id']}/").status_code == 409
+
+
+
+def test_not_found_names_the_id_and_the_fix(api_client_for, coffee):
+    bob = api_client_for("bob")
+    english = bob.get(f"/api/templates/{coffee['id']}/")
+    japanese = bob.get("/api/jobs/00000000-0000-0000-0000-000000000000/", HTTP_ACCEPT_LANGUAGE="ja")
+    malformed = bob.get("/api/jobs/abc/")
+
+    assert english.status_code == 404
+    assert japanese.status_code == 404
+    assert malformed.status_code == 404
+    assert english.json()["detail"] == (
+        f"Template {coffee['id']} was not found, or it belongs to another user. "
+        "GET /api/templates/ lists your templates."
+    )
+    assert "00000000-0000-0000-0000-000000000000" in japanese.json()["detail"]
+    assert "/api/jobs/" in japanese.json()["detail"]
+    assert "見つかりません" in japanese.json()["detail"]
+    assert malformed.json()["detail"].startswith("Job abc was not found")
+
+
+def test_result_messages_follow_job_status(alice, coffee):
+    job = submit(alice, coffee["id"], stroke_mask(600, 400)).json()
+    queued = alice.get(f"/api/jobs/{job['id']}/result/").json()["detail"]
+    EditJob.objects.filter(pk=job["id"]).update(status=JobStatus.CANCELLED)
+    cancelled = alice.get(f"/api/jobs/{job['id']}/result/").json()["detail"]
+
+    assert queued == (
+        f"Job {job['id']} has no result yet; its status is queued. Poll GET /api/jobs/{job['id']}/ until it is "
+        "succeeded."
+    )
+    assert cancelled == (
+        f"Job {job['id']} has no result because it ended with status cancelled; see its error, or submit the edit "
+        "again."
+    )
+
+
+def test_missing_fields_name_the_field_and_the_fix(alice, coffee):
+    as_json = alice.post("/api/jobs/", {"template": coffee["id"], "prompt": "a red cup"}, format="json").json()
+    empty = alice.post("/api/jobs/", {}, format="multipart").json()
+    japanese = alice.post("/api/jobs/", {}, format="multipart", HTTP_ACCEPT_LANGUAGE="ja").json()
+
+    assert as_json["mask"] == [
+        "mask is required: a mask image of the template's size, white where the edit goes; send it as a file in "
+        "a multipart/form-data request."
+    ]
+    assert empty["template"] == [
+        "template is required: the id of one of your templates (GET /api/templates/ lists them)."
+    ]
+    assert empty["prompt"] == ["prompt is required: describe what the masked region should show."]
+    assert "multipart/form-data" in japanese["mask"][0]
+    assert "必須" in japanese["template"][0]
+
+
+def test_long_template_name_gives_its_length(alice, media_root):
+    response = alice.post(
+        "/api/templates/",
+        {"image": SimpleUploadedFile("c.png", (PHOTOS / "coffee.png").read_bytes()), "name": "n" * 250},
+        format="multipart",
+    )
+    assert response.status_code == 400
+    assert response.json()["name"] == ["name has 250 characters, over the limit of 200; shorten it."]
+
+
+def test_nul_in_prompt_names_the_position(alice, coffee):
+    response = submit(alice, coffee["id"], stroke_mask(600, 400), prompt="a red\x00 cup")
+    assert response.status_code == 400
+    assert response.json()["prompt"] == ["prompt contains a NUL character (code 0) at character 6; remove it."]

@@ -104,7 +104,25 @@ def test_delete_template(api_client_for, media_root):
 
 def test_anonymous_request_is_rejected(client):
     response = client.get("/api/templates/")
-    assert response.status_code in (401, 403)
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"] == "Token"
+
+
+def test_token_endpoint_gives_working_token(client, django_user_model, media_root):
+    from rest_framework.test import APIClient
+
+    django_user_model.objects.create_user(username="carol", password="pw-carol-1")
+    wrong = client.post("/api/token/", {"username": "carol", "password": "nope"}, HTTP_ACCEPT_LANGUAGE="ja")
+    issued = client.post("/api/token/", {"username": "carol", "password": "pw-carol-1"})
+    again = client.post("/api/token/", {"username": "carol", "password": "pw-carol-1"})
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {issued.json()['token']}")
+
+    assert wrong.status_code == 400
+    assert "non_field_errors" in wrong.json()
+    assert issued.status_code == 200
+    assert again.json()["token"] == issued.json()["token"]
+    assert api.get("/api/templates/").status_code == 200
 
 
 def test_openapi_schema_is_served(api_client_for):

@@ -185,7 +185,9 @@ def test_api_image_error_in_japanese(alice_client, media_root):
 def test_api_not_found_in_japanese(alice_client):
     response = alice_client.get("/api/jobs/not-a-uuid/")
     assert response.status_code == 404
-    assert response.json() == {"detail": "見つかりません。"}
+    assert response.json() == {
+        "detail": "ジョブ not-a-uuid は見つかりません（または別のユーザーのものです）。自分のジョブは GET /api/jobs/ で一覧できます。"
+    }
 
 
 def test_translation_active_for_ja():

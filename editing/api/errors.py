@@ -1,10 +1,11 @@
-"""API exception handler: malformed ids and missing objects become 404s, never 500s."""
+"""API exception handler: missing objects and malformed ids become 404s that name the id, never 500s."""
 
 from __future__ import annotations
 
 import logging
 
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import Http404
 from django.utils.translation import gettext as _
 from rest_framework import status
 from rest_framework.response import Response
@@ -13,11 +14,25 @@ from rest_framework.views import exception_handler as drf_exception_handler
 logger = logging.getLogger(__name__)
 
 
+def not_found_detail(context: dict) -> str:
+    """Return the 404 message for the object the request's URL names, in the request's language."""
+    view = context.get("view")
+    identifier = (getattr(view, "kwargs", None) or {}).get("pk")
+    basename = getattr(view, "basename", None)
+    if identifier is None or basename not in ("template", "job"):
+        return _("Not found.")
+    if basename == "template":
+        return _(
+            "Template %(id)s was not found, or it belongs to another user. GET /api/templates/ lists your templates."
+        ) % {"id": identifier}
+    return _("Job %(id)s was not found, or it belongs to another user. GET /api/jobs/ lists your jobs.") % {
+        "id": identifier
+    }
+
+
 def exception_handler(exc: Exception, context: dict) -> Response | None:
-    response = drf_exception_handler(exc, context)
-    if response is not None:
-        return response
-    if isinstance(exc, DjangoValidationError):
-        # Raised by UUID lookups on malformed ids such as /api/jobs/not-a-uuid/.
-        return Response({"detail": _("Not found.")}, status=status.HTTP_404_NOT_FOUND)
-    return None
+    # Http404 comes from object lookups, and ValidationError from UUID lookups on malformed ids such as
+    # /api/jobs/abc/. A NotFound that a view raises carries its own message and keeps it.
+    if isinstance(exc, (Http404, DjangoValidationError)):
+        return Response({"detail": not_found_detail(context)}, status=status.HTTP_404_NOT_FOUND)
+    return drf_exception_handler(exc, context)

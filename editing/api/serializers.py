@@ -134,17 +134,62 @@ class TemplateSerializer(serializers.ModelSerializer):
         return reverse("template-image", args=[template.pk])
 
 
+MAX_TEMPLATE_NAME_CHARS = 200
+
+
+def reject_nul_characters(field: str):
+    """Return a validator that rejects text containing NUL characters, naming `field` and the position."""
+
+    def validate(value: str) -> None:
+        if "\x00" in value:
+            raise serializers.ValidationError(
+                _("%(field)s contains a NUL character (code 0) at character %(index)d; remove it.")
+                % {"field": field, "index": value.index("\x00") + 1}
+            )
+
+    return validate
+
+
+def file_field_messages(field: str, content: str) -> dict[str, str]:
+    """Return DRF FileField error messages that name `field`, describe its `content` and how to send it."""
+    send_hint = _("send it as a file in a multipart/form-data request")
+    parts = {"field": field, "what": content, "how": send_hint}
+    return {
+        "required": _("%(field)s is required: %(what)s; %(how)s.") % parts,
+        "invalid": _("%(field)s must be a file: %(what)s; %(how)s.") % parts,
+        "empty": _("The %(field)s file is empty (0 bytes); choose the file again.") % parts,
+        "no_name": _("The %(field)s file has no file name; %(how)s.") % parts,
+    }
+
+
 class TemplateCreateSerializer(serializers.Serializer):
     image = serializers.FileField(help_text="Photo or banner: PNG, JPEG, WebP, TIFF, BMP or GIF.")
-    name = serializers.CharField(max_length=200, required=False, allow_blank=True)
+    name = serializers.CharField(required=False, allow_blank=True)
     model = ModelField()
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Built per request, so the messages are in the request's language.
+        self.fields["image"].error_messages.update(
+            file_field_messages("image", _("the photo or banner (PNG, JPEG, WebP, TIFF, BMP or GIF)"))
+        )
+        self.fields["name"].validators = [reject_nul_characters("name")]
+
+    def validate_name(self, value: str) -> str:
+        if len(value) > MAX_TEMPLATE_NAME_CHARS:
+            raise serializers.ValidationError(
+                _("name has %(count)d characters, over the limit of %(limit)d; shorten it.")
+                % {"count": len(value), "limit": MAX_TEMPLATE_NAME_CHARS}
+            )
+        return value
 
     def validate(self, attrs: dict) -> dict:
         attrs["pixels"] = decode_template(attrs["image"])
         name = (attrs.get("name") or "").strip()
         if not name:
             # The client's file name is display text only; the stored file name is generated.
-            name = os.path.splitext(os.path.basename(attrs["image"].name or ""))[0][:200] or "template"
+            stem = os.path.splitext(os.path.basename(attrs["image"].name or ""))[0]
+            name = stem[:MAX_TEMPLATE_NAME_CHARS] or "template"
         attrs["name"] = name
         return attrs
 
@@ -187,6 +232,22 @@ class JobCreateSerializer(serializers.Serializer):
     steps = BoundedIntegerField(minimum=1, maximum=100, example=20, required=False)
     guidance = BoundedFloatField(minimum=0.0, maximum=MAX_GUIDANCE, example=30.0, required=False)
     model = ModelField()
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Built per request, so the messages are in the request's language.
+        self.fields["mask"].error_messages.update(
+            file_field_messages("mask", _("a mask image of the template's size, white where the edit goes"))
+        )
+        required = {
+            "template": _("template is required: the id of one of your templates (GET /api/templates/ lists them)."),
+            "prompt": _("prompt is required: describe what the masked region should show."),
+        }
+        for name, message in required.items():
+            self.fields[name].error_messages.update({"required": message, "null": message})
+        self.fields["template"].error_messages["blank"] = required["template"]
+        # DRF's own message for a NUL character reads as "enter some characters" in its Japanese catalogue.
+        self.fields["prompt"].validators = [reject_nul_characters("prompt")]
 
     def validate_template(self, value: str) -> Template:
         owner = self.context["request"].user

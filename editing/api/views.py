@@ -7,7 +7,7 @@ import math
 
 from django.conf import settings
 from django.db import transaction
-from django.http import FileResponse, Http404
+from django.http import FileResponse
 from django.utils.translation import gettext as _
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import exceptions, mixins, status, viewsets
@@ -15,7 +15,9 @@ from rest_framework.decorators import action
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.throttling import UserRateThrottle
+from rest_framework.authtoken.views import ObtainAuthToken
+from rest_framework.renderers import JSONRenderer
+from rest_framework.throttling import AnonRateThrottle, UserRateThrottle
 
 from editing import catalog, fleet, services, warmups
 from editing.api.serializers import (
@@ -31,16 +33,35 @@ from editing.models import ACTIVE_STATUSES, EditJob, Template
 
 logger = logging.getLogger(__name__)
 
+# Password attempts per client address on POST /api/token/.
+TOKEN_LOGIN_RATE = "10/min"
+
 
 def file_response(field_file, *, filename: str) -> FileResponse:
     if not field_file:
-        raise Http404
+        raise exceptions.NotFound(_("This object has no stored image."))
     try:
         handle = field_file.open("rb")
     except FileNotFoundError:
         logger.error("stored file %s is missing", field_file.name)
-        raise Http404 from None
+        raise exceptions.NotFound(_("The stored image file is missing from the media folder; ask an administrator.")) from None
     return FileResponse(handle, content_type="image/png", filename=filename)
+
+
+class TokenLoginThrottle(AnonRateThrottle):
+    """Limits password attempts on the token endpoint per client address."""
+
+    scope = "token_login"
+
+    def get_rate(self) -> str:
+        return TOKEN_LOGIN_RATE
+
+
+class TokenView(ObtainAuthToken):
+    """Exchange a user name and password for the user's API token (created on first use)."""
+
+    throttle_classes = [TokenLoginThrottle]
+    renderer_classes = [JSONRenderer]
 
 
 class JobSubmitThrottle(UserRateThrottle):
@@ -67,7 +88,7 @@ class TemplateViewSet(
             return Template.objects.none()
         return Template.objects.filter(owner=self.request.user)
 
-    @extend_schema(request=TemplateCreateSerializer, responses={201: TemplateSerializer})
+    @extend_schema(request={"multipart/form-data": TemplateCreateSerializer}, responses={201: TemplateSerializer})
     def create(self, request: Request) -> Response:
         serializer = TemplateCreateSerializer(data=request.data, context={"request": request})
         serializer.is_valid(raise_exception=True)
@@ -77,6 +98,10 @@ class TemplateViewSet(
         )
         return Response(TemplateSerializer(template).data, status=status.HTTP_201_CREATED)
 
+    @extend_schema(
+        description="Delete the template together with its jobs and their results. Refused with 409 while one of "
+        "its jobs is queued or running."
+    )
     def destroy(self, request: Request, pk: str | None = None) -> Response:
         template = self.get_object()
         with transaction.atomic():
@@ -158,7 +183,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         error.wait = math.ceil(wait or 1)
         raise error
 
-    @extend_schema(request=JobCreateSerializer, responses={201: JobSerializer})
+    @extend_schema(request={"multipart/form-data": JobCreateSerializer}, responses={201: JobSerializer})
     def create(self, request: Request) -> Response:
         serializer = JobCreateSerializer(data=request.data, context={"request": request})
         serializer.is_valid(raise_exception=True)
@@ -193,6 +218,14 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     @action(detail=True, methods=["get"], url_path="result", url_name="result")
     def result(self, request: Request, pk: str | None = None) -> FileResponse:
         job = self.get_object()
+        if not job.result and job.is_final:
+            raise exceptions.NotFound(
+                _("Job %(id)s has no result because it ended with status %(status)s; see its error, or submit the "
+                  "edit again.") % {"id": job.pk, "status": job.status}
+            )
         if not job.result:
-            raise Http404(_("Job %(id)s has no result yet; its status is %(status)s.") % {"id": job.pk, "status": job.status})
+            raise exceptions.NotFound(
+                _("Job %(id)s has no result yet; its status is %(status)s. Poll GET /api/jobs/%(id)s/ until it is "
+                  "succeeded.") % {"id": job.pk, "status": job.status}
+            )
         return file_response(job.result, filename=f"edit-{job.pk}.png")

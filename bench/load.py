@@ -147,7 +147,7 @@ def start_stack(run_dir: Path, clients: int, *, workers: int, web_threads: int) 
     group = ProcessGroup()
     try:
         redis_process, redis_url = start_embedded_redis(run_dir)
-        group.adopt("embedded redis", redis_process)
+        group.adopt("embedded redis", redis_process, stop_last=True)
         env["REDIS_URL"] = redis_url
         manage(["migrate", "--noinput"], env)
         tokens = manage(["shell", "--verbosity", "0", "-c", CREATE_USERS.format(count=clients)], env).split()

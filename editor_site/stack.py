@@ -91,9 +91,14 @@ def _engine_max_batch() -> int:
 
 @dataclass
 class ProcessGroup:
-    """Child processes that stop together: terminate, wait, then kill the stragglers."""
+    """Child processes that stop together: terminate, wait, then kill the stragglers.
+
+    Processes added with `stop_last=True` (the embedded Redis) stop only after the others have exited, so
+    workers can still reach the broker while they shut down.
+    """
 
     processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    last: set[int] = field(default_factory=set)
 
     def start(self, name: str, args: list[str], *, env: dict[str, str] | None = None) -> subprocess.Popen:
         process = subprocess.Popen(args, env=env or os.environ.copy(), start_new_session=True)
@@ -101,8 +106,10 @@ class ProcessGroup:
         logger.info("started %s (pid %d)", name, process.pid)
         return process
 
-    def adopt(self, name: str, process: subprocess.Popen) -> None:
+    def adopt(self, name: str, process: subprocess.Popen, *, stop_last: bool = False) -> None:
         self.processes.append((name, process))
+        if stop_last:
+            self.last.add(process.pid)
 
     def first_exited(self) -> tuple[str, int] | None:
         for name, process in self.processes:
@@ -111,16 +118,19 @@ class ProcessGroup:
         return None
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        for name, process in reversed(self.processes):
-            if process.poll() is None:
-                logger.info("stopping %s (pid %d)", name, process.pid)
-                os.killpg(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        for name, process in reversed(self.processes):
-            remaining = max(0.1, deadline - time.monotonic())
-            try:
-                process.wait(timeout=remaining)
-            except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop in time; killing it", name)
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        first = [(name, process) for name, process in self.processes if process.pid not in self.last]
+        then = [(name, process) for name, process in self.processes if process.pid in self.last]
+        for wave in (first, then):
+            for name, process in reversed(wave):
+                if process.poll() is None:
+                    logger.info("stopping %s (pid %d)", name, process.pid)
+                    os.killpg(process.pid, signal.SIGTERM)
+            for name, process in reversed(wave):
+                remaining = max(0.1, deadline - time.monotonic())
+                try:
+                    process.wait(timeout=remaining)
+                except subprocess.TimeoutExpired:
+                    logger.warning("%s did not stop in time; killing it", name)
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()

@@ -76,5 +76,9 @@ def stop_heartbeat(sender=None, **_kwargs) -> None:
     if hostname:
         try:
             redis_keys.client().delete(redis_keys.worker_state_key(hostname))
-        except (redis.RedisError, ValueError):
-            logger.warning("could not remove the heartbeat of %s", hostname, exc_info=True)
+        except (redis.RedisError, ValueError) as error:
+            # Usual when the whole stack stops and Redis goes first; the heartbeat key expires by itself.
+            logger.warning(
+                "could not remove the heartbeat of %s (%s: %s); it expires in %d s",
+                hostname, type(error).__name__, error, TTL_S,
+            )

@@ -55,7 +55,7 @@ class Command(BaseCommand):
         try:
             if not os.environ.get("REDIS_URL"):
                 redis_process, redis_url = start_embedded_redis(var_dir)
-                group.adopt("embedded redis", redis_process)
+                group.adopt("embedded redis", redis_process, stop_last=True)
                 url_file.write_text(redis_url)
                 env["REDIS_URL"] = redis_url
                 self.stdout.write(f"Embedded Redis at {redis_url}")

@@ -193,7 +193,8 @@ def fit_compute_model(
     Without `key_tokens`, timings are full blocks (q = kv = n) and the fit is c0 + c1 * n + c2 * n^2,
     dropping the quadratic term below 3 points. With `key_tokens`, every timing attended to that
     many tokens (masked runs of one resolution), so q * kv is linear in q: the fit is c0 + c1 * q
-    and predictions hold for that key token count only.
+    and predictions hold for that key token count only. Coefficients are kept non-negative, so noisy
+    timings of a small block never give a model in which more tokens take less time.
     """
     if len(token_counts) != len(seconds) or len(token_counts) < 2:
         raise ValueError(f"need at least 2 (tokens, seconds) pairs of equal length; got {len(token_counts)}.")
@@ -201,9 +202,25 @@ def fit_compute_model(
     columns = [numpy.ones_like(tokens), tokens]
     if key_tokens is None and len(token_counts) >= 3:
         columns.append(tokens * tokens)
-    solution, *_ = numpy.linalg.lstsq(numpy.stack(columns, axis=1), numpy.asarray(seconds), rcond=None)
+    solution = _non_negative_least_squares(numpy.stack(columns, axis=1), numpy.asarray(seconds, dtype=numpy.float64))
     c2 = float(solution[2]) if len(solution) > 2 else 0.0
     return ComputeModel(c0=float(solution[0]), c1=float(solution[1]), c2=c2)
+
+
+def _non_negative_least_squares(matrix: numpy.ndarray, target: numpy.ndarray) -> numpy.ndarray:
+    """Return the least-squares solution with every coefficient >= 0, trying each subset of the few columns."""
+    best, best_residual = numpy.zeros(matrix.shape[1]), float(numpy.sum(target**2))
+    for mask in range(1, 1 << matrix.shape[1]):
+        chosen = [column for column in range(matrix.shape[1]) if mask >> column & 1]
+        partial, *_ = numpy.linalg.lstsq(matrix[:, chosen], target, rcond=None)
+        if numpy.any(partial < 0):
+            continue
+        residual = float(numpy.sum((matrix[:, chosen] @ partial - target) ** 2))
+        if residual < best_residual:
+            best = numpy.zeros(matrix.shape[1])
+            best[chosen] = partial
+            best_residual = residual
+    return best
 
 
 def fit_load_model(sizes: Sequence[int], seconds: Sequence[float]) -> LoadModel:

@@ -100,6 +100,18 @@ def test_fit_compute_model_recovers_quadratic() -> None:
     assert model.c2 == pytest.approx(3e-9, rel=1e-6)
 
 
+def test_fit_compute_model_keeps_noisy_fit_non_negative() -> None:
+    # The failed profile of a tiny block: the middle count ran slower than the largest.
+    tokens = [50, 100, 200]
+    seconds = [0.00220, 0.00225, 0.00168]
+
+    model = fit_compute_model(tokens, seconds)
+
+    assert min(model.c0, model.c1, model.c2) >= 0.0
+    assert model.seconds(200, 200) >= model.seconds(20, 20)
+    assert model.seconds(100, 100) == pytest.approx(sum(seconds) / 3, rel=1e-6)
+
+
 def test_fit_load_model_recovers_bandwidth() -> None:
     sizes = [1 << 20, 4 << 20, 16 << 20]
     seconds = [0.001 + size / 2e9 for size in sizes]

@@ -229,7 +229,7 @@ def test_prefetch_promotes_disk_entry(model, monkeypatch, tmp_path, template):
 def test_measured_profile_is_positive(model, tmp_path):
     profile = cache_streaming.measured_profile(model, 200, tmp_path)
     assert profile.compute.seconds(200, 200) > 0
-    assert profile.compute.seconds(200, 200) > profile.compute.seconds(20, 200)
+    assert profile.compute.seconds(200, 200) >= profile.compute.seconds(20, 200)
     assert profile.load.bandwidth_bytes_per_s > 0
     assert list(tmp_path.iterdir()) == []
 

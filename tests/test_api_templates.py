@@ -129,3 +129,15 @@ def test_openapi_schema_is_served(api_client_for):
     response = api_client_for().get("/api/schema/")
     assert response.status_code == 200
     assert b"/api/jobs/" in response.content
+
+
+def test_token_endpoint_is_throttled(client, django_user_model):
+    from django.core.cache import cache
+
+    cache.clear()
+    django_user_model.objects.create_user(username="dave", password="pw-dave-1")
+    statuses = [client.post("/api/token/", {"username": "dave", "password": "wrong"}).status_code for _ in range(11)]
+    cache.clear()
+
+    assert statuses[:10] == [400] * 10
+    assert statuses[10] == 429

@@ -18,6 +18,7 @@ class WorkerState:
     hostname: str
     models: tuple[str, ...]
     queues: tuple[str, ...]
+    started_at: float | None = None  # epoch seconds; None from workers that do not publish it
 
 
 def live_workers() -> list[WorkerState] | None:
@@ -36,7 +37,10 @@ def live_workers() -> list[WorkerState] | None:
         try:
             record = json.loads(raw)
             workers.append(
-                WorkerState(str(record["hostname"]), tuple(record["models"]), tuple(record.get("queues", ())))
+                WorkerState(
+                    str(record["hostname"]), tuple(record["models"]), tuple(record.get("queues", ())),
+                    record.get("started_at"),
+                )
             )
         except (ValueError, KeyError, TypeError):
             logger.warning("ignoring a malformed worker heartbeat: %r", raw[:200])
@@ -53,3 +57,19 @@ def unserved(model: str) -> bool:
     if not workers:
         return False
     return all(model not in worker.models for worker in workers)
+
+
+def process_gone(hostname: str, since: float, workers: list[WorkerState] | None = None) -> bool:
+    """True when no worker process that was running at `since` (epoch seconds) still serves as `hostname`.
+
+    That is the case when `hostname` has no live heartbeat, or its live process started after `since` (a
+    restart under the same name). False when Redis cannot be read or the worker does not publish its start.
+    `workers` is a list already read with `live_workers()`.
+    """
+    workers = live_workers() if workers is None else workers
+    if workers is None:
+        return False
+    match = next((worker for worker in workers if worker.hostname == hostname), None)
+    if match is None:
+        return True
+    return match.started_at is not None and match.started_at > since

@@ -105,6 +105,17 @@ def request_cancel_running(job_id: uuid.UUID | str) -> bool:
     return updated == 1
 
 
+def cancel_stale(job_id: uuid.UUID | str, silent_before: datetime) -> bool:
+    """Cancel a running job that was asked to stop but has reported nothing since `silent_before`.
+
+    Its worker is gone, and a cancel-requested job is never claimed again, so nothing else would end it.
+    """
+    updated = EditJob.objects.filter(
+        pk=job_id, status=JobStatus.RUNNING, cancel_requested=True, updated_at__lt=silent_before
+    ).update(status=JobStatus.CANCELLED, finished_at=timezone.now(), updated_at=timezone.now())
+    return updated == 1
+
+
 def finish_cancelled(job_id: uuid.UUID | str) -> bool:
     updated = EditJob.objects.filter(pk=job_id, status=JobStatus.RUNNING).update(
         status=JobStatus.CANCELLED, finished_at=timezone.now(), updated_at=timezone.now()

@@ -30,7 +30,7 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections
 from django.utils import timezone
 
-from editing import catalog, cost_routing, fleet, services, warmups
+from editing import catalog, cost_routing, fleet, jobstate, services, warmups
 from editing.models import CacheWarmup, EditJob, JobStatus
 from editing.routing import all_queues
 from editor_site import redis_keys
@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 KOMBU_PRIORITY_SEPARATOR = "\x06\x16"
 KOMBU_PRIORITY_STEPS = (3, 6, 9)
 KOMBU_UNACKED_KEY = "unacked"
+# A running job silent this long whose worker process is gone is restarted without waiting to go stale.
+# Three heartbeat lifetimes (workers/heartbeat.py), so a worker that was only slow to publish keeps its job.
+ORPHAN_SILENT_S = 30
 
 
 @dataclass
@@ -52,6 +55,8 @@ class ReconcileReport:
     requeued_jobs: list[str] = field(default_factory=list)
     rerouted_jobs: list[str] = field(default_factory=list)  # from the queue of a worker that is gone
     stale_jobs: list[str] = field(default_factory=list)
+    cancelled_stale_jobs: list[str] = field(default_factory=list)  # asked to stop, then their worker went
+    orphaned_jobs: list[str] = field(default_factory=list)  # running on a worker process that is gone
     requeued_warmups: list[int] = field(default_factory=list)
     stale_warmups: list[int] = field(default_factory=list)
     in_broker: int = 0
@@ -59,8 +64,8 @@ class ReconcileReport:
     @property
     def resent(self) -> int:
         return (
-            len(self.requeued_jobs) + len(self.rerouted_jobs) + len(self.stale_jobs) + len(self.requeued_warmups)
-            + len(self.stale_warmups)
+            len(self.requeued_jobs) + len(self.rerouted_jobs) + len(self.stale_jobs) + len(self.orphaned_jobs)
+            + len(self.requeued_warmups) + len(self.stale_warmups)
         )
 
 
@@ -156,7 +161,12 @@ def reconcile_once(*, requeue_after_s: int | None = None, stale_after_s: int | N
         elif mark_resent(client, prefix, "job", job.pk, requeue_after_s):
             services.enqueue(job)
             report.requeued_jobs.append(str(job.pk))
+    reclaim_orphans(client, prefix, now, stale_before, requeue_after_s, report)
     for job in EditJob.objects.filter(status=JobStatus.RUNNING, updated_at__lt=stale_before).order_by("created_at"):
+        if job.cancel_requested:
+            if jobstate.cancel_stale(job.pk, stale_before):
+                report.cancelled_stale_jobs.append(str(job.pk))
+            continue
         if mark_resent(client, prefix, "job", job.pk, requeue_after_s):
             services.enqueue(job)
             report.stale_jobs.append(str(job.pk))
@@ -175,12 +185,44 @@ def reconcile_once(*, requeue_after_s: int | None = None, stale_after_s: int | N
     if report.resent:
         logger.warning(
             "reconciler re-sent %d queued jobs %s, re-routed %d jobs of gone workers %s, %d stale running jobs %s, "
-            "%d queued warm-ups %s, %d stale warm-ups %s",
+            "%d jobs of gone worker processes %s, %d queued warm-ups %s, %d stale warm-ups %s",
             len(report.requeued_jobs), report.requeued_jobs, len(report.rerouted_jobs), report.rerouted_jobs,
-            len(report.stale_jobs), report.stale_jobs,
+            len(report.stale_jobs), report.stale_jobs, len(report.orphaned_jobs), report.orphaned_jobs,
             len(report.requeued_warmups), report.requeued_warmups, len(report.stale_warmups), report.stale_warmups,
         )
+    if report.cancelled_stale_jobs:
+        logger.warning(
+            "reconciler cancelled %d running jobs that were asked to stop and then went silent %s",
+            len(report.cancelled_stale_jobs), report.cancelled_stale_jobs,
+        )
     return report
+
+
+def reclaim_orphans(client, prefix: str, now, stale_before, requeue_after_s: int, report: ReconcileReport) -> None:
+    """Restart (or, when asked to stop, cancel) running jobs whose worker process is gone, before they go stale.
+
+    A worker that stops or restarts mid-job leaves its row `running`. When the job has been silent for
+    ORPHAN_SILENT_S and its worker has no heartbeat, or a heartbeat from a process started after the claim,
+    the job is re-sent as a takeover instead of waiting EDITOR_STALE_RUNNING_S.
+    """
+    silent_before = now - timedelta(seconds=ORPHAN_SILENT_S)
+    candidates = EditJob.objects.filter(
+        status=JobStatus.RUNNING, updated_at__lt=silent_before, updated_at__gte=stale_before, started_at__isnull=False
+    ).exclude(worker="")
+    if not candidates.exists():
+        return
+    workers = fleet.live_workers()
+    if workers is None:
+        return  # Redis cannot be read: leave the jobs to the stale rule
+    for job in candidates.order_by("created_at"):
+        if not fleet.process_gone(job.worker, job.started_at.timestamp(), workers):
+            continue
+        if job.cancel_requested:
+            if jobstate.cancel_stale(job.pk, silent_before):
+                report.cancelled_stale_jobs.append(str(job.pk))
+        elif mark_resent(client, prefix, "job", job.pk, requeue_after_s):
+            services.enqueue(job, takeover=True)
+            report.orphaned_jobs.append(str(job.pk))
 
 
 def run_forever(interval_s: float, stop: threading.Event | None = None) -> None:

@@ -15,7 +15,7 @@ from django.core.files.base import ContentFile
 from django.db import transaction
 from django.db.models import F
 
-from editing import catalog, cost_routing, imaging, jobstate
+from editing import catalog, cost_routing, fleet, imaging, jobstate
 from editing.params import check_generation
 from editing.models import EditJob, JobStatus, Template
 from editing.routing import bucket_for
@@ -143,15 +143,19 @@ def reroute(job: EditJob) -> None:
         enqueue(job, chosen)
 
 
-def enqueue(job: EditJob, chosen: cost_routing.Candidate | None = None) -> None:
-    """Send the job's message; a broker failure leaves the job queued for the reconciler."""
+def enqueue(job: EditJob, chosen: cost_routing.Candidate | None = None, *, takeover: bool = False) -> None:
+    """Send the job's message; a broker failure leaves the job queued for the reconciler.
+
+    With `takeover` the receiving worker may restart the job although its row still reads `running`.
+    """
     if chosen is not None:
         cost_routing.add_to_backlog(chosen, str(job.pk))
     if not celery_app.conf.broker_url:
         logger.error("no broker is configured (set REDIS_URL); job %s stays queued", job.pk)
         return
     try:
-        celery_app.send_task(RUN_EDIT_TASK, args=[str(job.pk)], queue=job.queue_name)
+        options = {"kwargs": {"takeover": True}} if takeover else {}
+        celery_app.send_task(RUN_EDIT_TASK, args=[str(job.pk)], queue=job.queue_name, **options)
     except Exception:  # noqa: BLE001 - any broker error; the job row stays queued and is retried later
         logger.exception("could not enqueue job %s on %s; it stays queued", job.pk, job.queue_name)
 
@@ -165,6 +169,11 @@ def cancel_job(job: EditJob) -> bool:
         logger.info("job %s cancelled while queued", job.pk)
         return True
     if jobstate.request_cancel_running(job.pk):
+        if job.worker and job.started_at and fleet.process_gone(job.worker, job.started_at.timestamp()):
+            # No process runs the job any more (its worker stopped or restarted), so none would stop it.
+            jobstate.finish_cancelled(job.pk)
+            logger.info("job %s cancelled; its worker %s no longer runs it", job.pk, job.worker)
+            return True
         logger.info("job %s asked to stop at its next step", job.pk)
         return True
     return False

@@ -112,3 +112,82 @@ def test_succeed_stores_details_with_status(job):
     assert job.status == JobStatus.SUCCEEDED
     assert job.cache_outcome == "hit"
     assert job.flop_fraction == 0.25
+
+
+def test_stale_cancel_requested_job_is_cancelled_not_resent(job, redis_url):
+    from editing import reconciler
+
+    jobstate.claim(job.pk, worker="gone@host")
+    jobstate.request_cancel_running(job.pk)
+    EditJob.objects.filter(pk=job.pk).update(updated_at=job.updated_at.replace(year=2000))
+
+    report = reconciler.reconcile_once(requeue_after_s=60, stale_after_s=600)
+
+    assert report.cancelled_stale_jobs == [str(job.pk)]
+    assert report.stale_jobs == []
+    assert status_of(job) == JobStatus.CANCELLED
+
+
+@pytest.mark.parametrize(
+    ("heartbeat", "expected"),
+    [
+        (None, JobStatus.CANCELLED),  # the worker is gone
+        (-60.0, JobStatus.RUNNING),  # the process that claimed the job still runs: it stops at its next step
+        (+60.0, JobStatus.CANCELLED),  # a process of the same name started after the claim
+    ],
+)
+def test_cancel_finishes_job_whose_worker_process_is_gone(job, redis_url, heartbeat, expected):
+    import json
+
+    from editing import services
+    from editor_site import redis_keys
+
+    jobstate.claim(job.pk, worker="w1@host")
+    job.refresh_from_db()
+    key = redis_keys.worker_state_key("w1@host")
+    client = redis_keys.client()
+    if heartbeat is not None:
+        started_at = job.started_at.timestamp() + heartbeat
+        record = {"hostname": "w1@host", "models": ["flux"], "queues": [], "started_at": started_at}
+        client.set(key, json.dumps(record), ex=30)
+    try:
+        assert services.cancel_job(job) is True
+    finally:
+        client.delete(key)
+
+    assert status_of(job) == expected
+    assert job.cancel_requested is True
+
+
+def test_reconciler_restarts_job_of_gone_worker_process(job, redis_url, monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from editing import reconciler, services
+
+    sent = []
+    monkeypatch.setattr(services, "enqueue", lambda job, chosen=None, takeover=False: sent.append((job.pk, takeover)))
+    jobstate.claim(job.pk, worker="gone@host")
+    EditJob.objects.filter(pk=job.pk).update(updated_at=timezone.now() - timedelta(seconds=45))
+
+    report = reconciler.reconcile_once(requeue_after_s=60, stale_after_s=600)
+    again = reconciler.reconcile_once(requeue_after_s=60, stale_after_s=600)
+
+    assert report.orphaned_jobs == [str(job.pk)]
+    assert again.orphaned_jobs == []
+    assert sent == [(job.pk, True)]
+    assert status_of(job) == JobStatus.RUNNING
+
+
+def test_reconciler_leaves_recent_or_live_jobs(job, redis_url, monkeypatch):
+    from editing import reconciler, services
+
+    sent = []
+    monkeypatch.setattr(services, "enqueue", lambda job, chosen=None, takeover=False: sent.append(job.pk))
+    jobstate.claim(job.pk, worker="gone@host")  # just claimed: not silent for long enough
+
+    report = reconciler.reconcile_once(requeue_after_s=60, stale_after_s=600)
+
+    assert report.orphaned_jobs == []
+    assert sent == []

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 INTERVAL_S = 3.0
 # Several missed refreshes in a row before the record expires; a busy Redis may delay one.
 TTL_S = 10
+# When this worker process started; a job claimed before it ran in an earlier process of the same name.
+STARTED_AT = time.time()
 
 _stop = threading.Event()
 _thread: threading.Thread | None = None
@@ -36,6 +38,7 @@ def state(hostname: str) -> dict[str, object]:
         "queues": all_queues(),
         "direct_queue": redis_keys.direct_queue(hostname),
         "pid": os.getpid(),
+        "started_at": STARTED_AT,
         "at": time.time(),
     }
 

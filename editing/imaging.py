@@ -72,7 +72,8 @@ def open_upright(data: bytes | BinaryIO, *, field: str, max_pixels: int, max_byt
         raise ImageRuleError(
             field,
             CODE_INVALID_IMAGE,
-            _("The %(field)s file is not a readable image. Upload a PNG, JPEG or WebP file.") % {"field": _field_label(field)},
+            _("The %(field)s file is not a readable image. Upload a PNG, JPEG, WebP, TIFF, BMP or GIF file.")
+            % {"field": _field_label(field)},
         ) from None
 
     pixels = image.width * image.height

@@ -329,6 +329,33 @@ def test_api_errors_shown_next_to_fields(browser, live_server, alice, no_warmups
     assert [error for error in errors if "400" not in error] == []
 
 
+def test_submit_rejects_unreadable_number_and_double_click(browser, live_server, alice, no_warmups, media_root):
+    """No worker runs here: the checks happen before and at submission."""
+    from editing.models import EditJob
+
+    page, errors = new_page(browser, ENGLISH)
+    log_in(page, live_server.url, "alice", "pw-alice")
+    upload_template(page, COFFEE)
+    paint_strokes(page, STROKES, COFFEE_SIZE)
+    page.fill("#prompt", ENGLISH.prompt)
+    page.click("#guidance")
+    page.keyboard.type("--3")  # a number input cannot parse this, so its value reads as ""
+    page.click("#job-submit")
+    page.wait_for_selector("#guidance-error:not([hidden])")
+    guidance_error = page.inner_text("#guidance-error")
+    jobs_after_bad_number = EditJob.objects.count()
+
+    page.fill("#guidance", "")
+    page.dblclick("#job-submit")
+    page.wait_for_selector("#job-panel:not([hidden])")
+    page.wait_for_timeout(1000)  # lets a second request, if one was sent, reach the server
+
+    assert guidance_error == "This is not a number. Enter a number from 0 to 100."
+    assert jobs_after_bad_number == 0
+    assert EditJob.objects.count() == 1
+    assert errors == []
+
+
 def test_mask_tools(browser, live_server, alice, no_warmups, media_root):
     """Brush, eraser, rectangle, undo, redo, invert and clear, driven by mouse and keyboard."""
     page, errors = new_page(browser, ENGLISH)

@@ -227,6 +227,8 @@ function onShortcut(event) {
 
 async function submitJob(event) {
   event.preventDefault();
+  // A second click while the first one is still preparing its request must not send a second job.
+  if ($("job-submit").disabled) return;
   clearErrors(document.body);
 
   if (!state.template) {
@@ -240,19 +242,32 @@ async function submitJob(event) {
     return;
   }
 
-  const body = new FormData();
-  body.append("template", String(state.template.id));
-  body.append("mask", await mask.toPngBlob(), "mask.png");
-  body.append("prompt", $("prompt").value);
+  // A number input reads as "" for text the browser cannot parse (1e999, --3). Say so, because sending
+  // nothing would quietly run with the default.
+  for (const name of ["seed", "steps", "guidance"]) {
+    const field = $(name);
+    if (field && field.validity && field.validity.badInput) {
+      const element = document.querySelector(`[data-error-for="${name}"]`);
+      setError(field.closest(".field") || document.body, element,
+        format(messages.bad_number, { min: field.min, max: field.max }));
+      field.focus();
+      return;
+    }
+  }
+
+  // Read every field before the first await, so the job carries what the form showed at the click.
+  const fields = { template: String(state.template.id), prompt: $("prompt").value };
   for (const name of ["seed", "steps", "guidance", "model"]) {
     const field = $(name);  // the model choice exists only when several models are served
     const value = field ? field.value.trim() : "";
-    if (value !== "") body.append(name, value);
+    if (value !== "") fields[name] = value;
   }
-
   $("job-submit").disabled = true;
   $("job-message").textContent = messages.submitting;
   try {
+    const body = new FormData();
+    for (const [name, value] of Object.entries(fields)) body.append(name, value);
+    body.append("mask", await mask.toPngBlob(), "mask.png");
     const job = await request("POST", config.jobs_url, body);
     startWatching(job);
   } catch (error) {
@@ -293,9 +308,13 @@ function renderJob(job, secondsLeft) {
   $("job-panel").dataset.status = job.status;
   $("job-status").textContent = messages[`status_${job.status}`] || job.status;
   if (job.status === "queued" && job.queue_position !== null && job.queue_position !== undefined) {
-    $("job-queue").textContent = job.queue_position === 0
-      ? messages.queue_next
-      : format(messages.queue_position, { position: job.queue_position });
+    if (job.queue_position === 0) {
+      $("job-queue").textContent = messages.queue_next;
+    } else if (job.queue_position === 1) {
+      $("job-queue").textContent = messages.queue_one_ahead;
+    } else {
+      $("job-queue").textContent = format(messages.queue_position, { position: job.queue_position });
+    }
   } else {
     $("job-queue").textContent = "—";
   }

@@ -329,7 +329,7 @@ def test_api_errors_shown_next_to_fields(browser, live_server, alice, no_warmups
     assert [error for error in errors if "400" not in error] == []
 
 
-def test_submit_rejects_unreadable_number_and_double_click(browser, live_server, alice, no_warmups, media_root):
+def test_submit_guards_and_queued_cancel(browser, live_server, alice, no_warmups, media_root):
     """No worker runs here: the checks happen before and at submission."""
     from editing.models import EditJob
 
@@ -350,9 +350,14 @@ def test_submit_rejects_unreadable_number_and_double_click(browser, live_server,
     page.wait_for_selector("#job-panel:not([hidden])")
     page.wait_for_timeout(1000)  # lets a second request, if one was sent, reach the server
 
+    jobs_after_double_click = EditJob.objects.count()
+    page.click("#job-cancel")  # the job is queued, so it is cancelled at once
+    page.wait_for_function("document.getElementById('job-status').textContent === 'cancelled'")
+
     assert guidance_error == "This is not a number. Enter a number from 0 to 100."
     assert jobs_after_bad_number == 0
-    assert EditJob.objects.count() == 1
+    assert jobs_after_double_click == 1
+    assert page.inner_text("#job-message") == "The job was cancelled."
     assert errors == []
 
 

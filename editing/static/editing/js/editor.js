@@ -356,7 +356,8 @@ async function cancelJob() {
   try {
     const job = await request("POST", `${config.jobs_url}${state.job.id}/cancel/`);
     renderJob(job, null);
-    $("job-message").textContent = messages.cancel_requested;
+    // A queued job (or one whose worker is gone) is cancelled at once; a running one stops after its step.
+    $("job-message").textContent = job.status === "cancelled" ? messages.job_cancelled : messages.cancel_requested;
   } catch (error) {
     // 409 means the job finished meanwhile; the poller reports its final status.
     if (!(error instanceof ApiError && error.status === 409)) {

@@ -293,10 +293,13 @@ def editor(request: HttpRequest) -> HttpResponse:
         phases=list(PHASE_LABELS),
         prefill=job_prefill(request, request.GET.get("job")),
     )
+    requested_job = request.GET.get("job")
     context = {
         "config": asdict(config),
         "messages_for_script": browser_messages(),
         "prefill": config.prefill,
+        # An "Edit again" link to a job that is gone (deleted with its template) or belongs to another user.
+        "prefill_missing": requested_job if requested_job and config.prefill is None else None,
         # A choice only where there is one: with a single served model the field is left out.
         "models": [
             {"name": spec.name, "label": spec.facts.label} for spec in catalog.models()

@@ -114,8 +114,14 @@ def test_editor_prefills_own_job(alice_client, coffee_job):
 @pytest.mark.parametrize("job_param", ["not-a-uuid", str(uuid.uuid4())])
 def test_editor_ignores_unknown_job(alice_client, job_param):
     response = alice_client.get(f"/?job={job_param}")
+    html = response.content.decode()
     assert response.status_code == 200
-    assert script_json(response.content.decode(), "editor-config")["prefill"] is None
+    assert script_json(html, "editor-config")["prefill"] is None
+    assert f"Job {job_param} was not found among your jobs, so the editor starts empty." in html
+
+
+def test_editor_without_job_shows_no_notice(alice_client):
+    assert 'id="prefill-missing"' not in alice_client.get("/").content.decode()
 
 
 def test_editor_ignores_other_users_job(make_user, coffee_job):

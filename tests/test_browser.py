@@ -329,9 +329,13 @@ def test_api_errors_shown_next_to_fields(browser, live_server, alice, no_warmups
     assert [error for error in errors if "400" not in error] == []
 
 
-def test_submit_guards_and_queued_cancel(browser, live_server, alice, no_warmups, media_root):
-    """No worker runs here: the checks happen before and at submission."""
+def test_submit_guards_and_queued_cancel(browser, live_server, alice, no_warmups, media_root, monkeypatch):
+    """The checks happen before and at submission. Jobs are not sent to the broker, so they stay queued even
+    where another test's worker still runs."""
+    from editing import services
     from editing.models import EditJob
+
+    monkeypatch.setattr(services, "enqueue", lambda job, chosen=None, takeover=False: None)
 
     page, errors = new_page(browser, ENGLISH)
     log_in(page, live_server.url, "alice", "pw-alice")

@@ -41,6 +41,7 @@ def test_edit_writes_result(celery_worker_process, demo_user, mask_file, tmp_pat
     outside = ~imaging.dilate(np.asarray(Image.open(mask_file)) > 127, 16)
     assert np.array_equal(result[outside], original[outside])
     assert "Wrote" in stdout.getvalue()
+    assert "succeeded: 100.0%" in stdout.getvalue()
 
 
 @pytest.mark.django_db(transaction=True)

@@ -106,7 +106,8 @@ class Command(BaseCommand):
         while True:
             job.refresh_from_db()
             if job.is_final:
-                self.stdout.write("")
+                # The last poll may have caught the final step before the result was stored.
+                self.stdout.write(f"\r{job.status}: {job.progress * 100:5.1f}%")
                 return job
             line = f"\r{job.status}: {job.progress * 100:5.1f}%"
             if job.status == JobStatus.QUEUED:

@@ -169,10 +169,13 @@ def cancel_job(job: EditJob) -> bool:
         logger.info("job %s cancelled while queued", job.pk)
         return True
     if jobstate.request_cancel_running(job.pk):
-        if job.worker and job.started_at and fleet.process_gone(job.worker, job.started_at.timestamp()):
+        # Read the claim afresh: another worker may have taken the job over since `job` was loaded.
+        claim = EditJob.objects.filter(pk=job.pk).values("worker", "started_at").first() or {}
+        worker, started_at = claim.get("worker"), claim.get("started_at")
+        if worker and started_at and fleet.process_gone(worker, started_at.timestamp()):
             # No process runs the job any more (its worker stopped or restarted), so none would stop it.
             jobstate.finish_cancelled(job.pk)
-            logger.info("job %s cancelled; its worker %s no longer runs it", job.pk, job.worker)
+            logger.info("job %s cancelled; its worker %s no longer runs it", job.pk, worker)
             return True
         logger.info("job %s asked to stop at its next step", job.pk)
         return True

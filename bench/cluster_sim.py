@@ -438,7 +438,8 @@ def write_markdown(
     ]
     for row in rows:
         lines.append(
-            f"| {row.workers} | {row.load:.0%} | {row.policy} | {row.arrival_rate_per_s:.2f} | {row.p95_latency_s:.3f} | "
+            f"| {row.workers} | {row.load:.0%} | {row.policy} | {row.arrival_rate_per_s:.2f} | "
+            f"{row.p95_latency_s:.3f} | "
             f"{row.mean_latency_s:.3f} | {row.hit_rate:.3f} | {queued[(row.workers, row.load, row.policy)]:.3f} |"
         )
     lines += ["", "P95 margins (positive = lower P95 than the baseline):", ""]

@@ -172,7 +172,9 @@ def test_higher_load_queues_more_and_margins_are_per_load() -> None:
     ]
     rows, queued = run(scenarios, cost, skip_fraction=0.05)
     assert {(row.workers, row.load) for row in rows} == {(4, 0.5), (4, 0.95)}
-    light, heavy = (next(row for row in rows if row.load == load and row.policy == "least_requests") for load in (0.5, 0.95))
+    light, heavy = (
+        next(row for row in rows if row.load == load and row.policy == "least_requests") for load in (0.5, 0.95)
+    )
     assert heavy.arrival_rate_per_s == pytest.approx(light.arrival_rate_per_s * 0.95 / 0.5, abs=1e-3)
     assert heavy.mean_latency_s > light.mean_latency_s
     assert queued[(4, 0.95, "least_requests")] > queued[(4, 0.5, "least_requests")]

@@ -199,7 +199,8 @@ def test_cache_keeps_only_group_outputs(family: ModelFamily, pipe, request_cache
         assert all(entry.k is not None and entry.v is not None for entry in row)
     groups_with_several_blocks = [group for group in blocks.groups if len(group.transformer_blocks) > 1]
     # The SDXL test preset has two blocks per Transformer2DModel at its deepest level; SD 2 has one everywhere.
-    assert len(outputs) == len(blocks.blocks) - sum(len(group.transformer_blocks) - 1 for group in groups_with_several_blocks)
+    hidden_outputs_dropped = sum(len(group.transformer_blocks) - 1 for group in groups_with_several_blocks)
+    assert len(outputs) == len(blocks.blocks) - hidden_outputs_dropped
     assert (len(outputs) < len(blocks.blocks)) == (family.name == "sdxl")
 
 

@@ -44,7 +44,9 @@ def file_response(field_file, *, filename: str) -> FileResponse:
         handle = field_file.open("rb")
     except FileNotFoundError:
         logger.error("stored file %s is missing", field_file.name)
-        raise exceptions.NotFound(_("The stored image file is missing from the media folder; ask an administrator.")) from None
+        raise exceptions.NotFound(
+            _("The stored image file is missing from the media folder; ask an administrator.")
+        ) from None
     return FileResponse(handle, content_type="image/png", filename=filename)
 
 

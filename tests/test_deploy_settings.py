@@ -62,8 +62,9 @@ def test_production_defaults_are_hardened(tmp_path):
 def test_missing_secret_key_stops_startup(tmp_path):
     result = run([sys.executable, "manage.py", "check"], production_env(tmp_path, SECRET_KEY=""))
 
-    assert result.returncode != 0
-    assert "SECRET_KEY is not set" in result.stderr
+    assert result.returncode == 1
+    assert "Configuration error: SECRET_KEY is not set" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_missing_allowed_hosts_stops_startup(tmp_path):

@@ -63,7 +63,7 @@ BYTES_PER_VALUE = 4  # float32 activations
 MASK_BETA = (1.1, 8.9)  # mean 1.1 / (1.1 + 8.9) = 0.11
 ZIPF_EXPONENT = 1.0
 # Offered loads, as fractions of capacity. At 80% a large cluster rarely queues, so the 95th percentile of
-# any template-blind policy is the service time of a miss; the higher loads show how queueing separates them.
+# any template-blind policy is the service time of a miss. The higher loads show how queueing separates them.
 TARGET_LOADS: tuple[float, ...] = (0.8, 0.9, 0.95)
 
 

@@ -23,7 +23,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis
 from django.conf import settings
@@ -198,7 +198,14 @@ def reconcile_once(*, requeue_after_s: int | None = None, stale_after_s: int | N
     return report
 
 
-def reclaim_orphans(client, prefix: str, now, stale_before, requeue_after_s: int, report: ReconcileReport) -> None:
+def reclaim_orphans(
+    client: redis.Redis,
+    prefix: str,
+    now: datetime,
+    stale_before: datetime,
+    requeue_after_s: int,
+    report: ReconcileReport,
+) -> None:
     """Restart (or, when asked to stop, cancel) running jobs whose worker process is gone, before they go stale.
 
     A worker that stops or restarts mid-job leaves its row `running`. When the job has been silent for

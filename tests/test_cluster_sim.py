@@ -165,7 +165,7 @@ def test_workload_mask_ratio_mean_near_target() -> None:
     assert templates.max() < scenario.templates
 
 
-def test_higher_load_queues_more_and_margins_are_per_load() -> None:
+def test_higher_load_queues_more() -> None:
     cost = build_cost_model(image_tokens=64)
     scenarios = [
         Scenario(workers=4, jobs=2000, templates=40, cache_entries=4, target_load=load, seed=5) for load in (0.5, 0.95)

@@ -114,7 +114,7 @@ def test_succeed_stores_details_with_status(job):
     assert job.flop_fraction == 0.25
 
 
-def test_stale_cancel_requested_job_is_cancelled_not_resent(job, redis_url):
+def test_stale_cancelled_job_not_resent(job, redis_url):
     from editing import reconciler
 
     jobstate.claim(job.pk, worker="gone@host")
@@ -136,7 +136,7 @@ def test_stale_cancel_requested_job_is_cancelled_not_resent(job, redis_url):
         (+60.0, JobStatus.CANCELLED),  # a process of the same name started after the claim
     ],
 )
-def test_cancel_finishes_job_whose_worker_process_is_gone(job, redis_url, heartbeat, expected):
+def test_cancel_ends_orphaned_job(job, redis_url, heartbeat, expected):
     import json
 
     from editing import services
@@ -159,7 +159,7 @@ def test_cancel_finishes_job_whose_worker_process_is_gone(job, redis_url, heartb
     assert job.cancel_requested is True
 
 
-def test_reconciler_restarts_job_of_gone_worker_process(job, redis_url, monkeypatch):
+def test_reconciler_restarts_orphaned_job(job, redis_url, monkeypatch):
     from datetime import timedelta
 
     from django.utils import timezone
@@ -180,7 +180,7 @@ def test_reconciler_restarts_job_of_gone_worker_process(job, redis_url, monkeypa
     assert status_of(job) == JobStatus.RUNNING
 
 
-def test_reconciler_leaves_recent_or_live_jobs(job, redis_url, monkeypatch):
+def test_reconciler_leaves_new_claim(job, redis_url, monkeypatch):
     from editing import reconciler, services
 
     sent = []

@@ -105,11 +105,11 @@ class Command(BaseCommand):
         next_worker_check = time.monotonic() + WORKER_CHECK_INTERVAL_S
         while True:
             job.refresh_from_db()
+            line = f"\r{job.status}: {job.progress * 100:5.1f}%"
             if job.is_final:
                 # The last poll may have caught the final step before the result was stored.
-                self.stdout.write(f"\r{job.status}: {job.progress * 100:5.1f}%")
+                self.stdout.write(line)
                 return job
-            line = f"\r{job.status}: {job.progress * 100:5.1f}%"
             if job.status == JobStatus.QUEUED:
                 line += f" ({services.queue_position(job)} ahead)"
             if line != last_line:

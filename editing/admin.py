@@ -65,6 +65,12 @@ def timings_summary(timings: dict | None) -> str:
     }
 
 
+@admin.display(description=gettext_lazy("error"))
+def error_reason(row: EditJob | CacheWarmup) -> str:
+    """Why the job or warm-up failed, in the admin user's language."""
+    return row.error_text
+
+
 @admin.register(Template)
 class TemplateAdmin(admin.ModelAdmin):
     list_display = [
@@ -197,10 +203,10 @@ class EditJobAdmin(admin.ModelAdmin):
     readonly_fields = [
         "result_preview", "owner", "template", "model", "prompt", "seed", "steps", "guidance", "mask", "status",
         "cancel_requested", "progress", "mask_ratio", "bucket", "queue_name", "cache_outcome", "cache_variant",
-        "cache_key", "flop_fraction", "timings_table", "result", "error", "worker", "attempts", "created_at",
+        "cache_key", "flop_fraction", "timings_table", "result", error_reason, "worker", "attempts", "created_at",
         "started_at", "finished_at", "updated_at",
     ]
-    exclude = ["timings"]
+    exclude = ["timings", "error", "error_code", "error_params"]
     actions = ["cancel_jobs"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -271,10 +277,10 @@ class CacheWarmupAdmin(admin.ModelAdmin):
     list_select_related = ["template"]
     readonly_fields = [
         "template", "requested_by", "model", "seed", "steps", "guidance", "variant", "status", "progress", "cache_key",
-        "cache_bytes", "cache_tier", "worker", "timings_table", "error", "attempts", "created_at", "started_at",
+        "cache_bytes", "cache_tier", "worker", "timings_table", error_reason, "attempts", "created_at", "started_at",
         "finished_at", "updated_at",
     ]
-    exclude = ["timings"]
+    exclude = ["timings", "error", "error_code", "error_params"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         # Warm-ups are queued through the template action or the API, which also enqueue the task.

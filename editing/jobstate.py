@@ -12,6 +12,7 @@ from datetime import datetime
 from django.db.models import F, Q
 from django.utils import timezone
 
+from editing.failures import Failure
 from editing.models import EditJob, JobStatus
 
 
@@ -65,6 +66,8 @@ def succeed(
         timings=timings,
         progress=1.0,
         error="",
+        error_code="",
+        error_params={},
         finished_at=timezone.now(),
         updated_at=timezone.now(),
         **(details or {}),
@@ -72,10 +75,10 @@ def succeed(
     return updated == 1
 
 
-def fail(job_id: uuid.UUID | str, *, error: str, timings: dict[str, float] | None = None) -> bool:
+def fail(job_id: uuid.UUID | str, *, failure: Failure, timings: dict[str, float] | None = None) -> bool:
     fields: dict[str, object] = {
         "status": JobStatus.FAILED,
-        "error": error,
+        **failure.fields(),
         "finished_at": timezone.now(),
         "updated_at": timezone.now(),
     }

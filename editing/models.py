@@ -17,6 +17,8 @@ from django.conf import settings
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
+from editing.failures import localized_error
+
 
 def template_upload_path(instance: "Template", filename: str) -> str:
     # Stored names are generated; the client's file name is never used on disk.
@@ -105,6 +107,9 @@ class EditJob(models.Model):
     timings = models.JSONField(_("timings (ms)"), default=dict, blank=True)
     result = models.FileField(_("result"), upload_to=result_upload_path, blank=True)
     error = models.TextField(_("error"), blank=True)
+    # The failure's code and parameters (editing/failures.py), so its text is shown in the reader's language.
+    error_code = models.CharField(_("error code"), max_length=32, blank=True)
+    error_params = models.JSONField(_("error parameters"), default=dict, blank=True)
     worker = models.CharField(_("worker"), max_length=200, blank=True)
 
     created_at = models.DateTimeField(_("created at"), auto_now_add=True, db_index=True)
@@ -124,6 +129,11 @@ class EditJob(models.Model):
     @property
     def is_final(self) -> bool:
         return self.status in FINAL_STATUSES
+
+    @property
+    def error_text(self) -> str:
+        """Why the job failed, in the active language."""
+        return localized_error(self.error, self.error_code, self.error_params)
 
     @property
     def cache_used(self) -> bool | None:
@@ -166,6 +176,8 @@ class CacheWarmup(models.Model):
     worker = models.CharField(_("worker"), max_length=200, blank=True)
     timings = models.JSONField(_("timings (ms)"), default=dict, blank=True)
     error = models.TextField(_("error"), blank=True)
+    error_code = models.CharField(_("error code"), max_length=32, blank=True)
+    error_params = models.JSONField(_("error parameters"), default=dict, blank=True)
     attempts = models.PositiveIntegerField(_("attempts"), default=0)
     # Set when an operator drops the cache: workers then discard the entry instead of using it.
     dropped_at = models.DateTimeField(_("dropped at"), null=True, blank=True)
@@ -182,3 +194,8 @@ class CacheWarmup(models.Model):
 
     def __str__(self) -> str:
         return f"warm-up {self.pk} of template {self.template_id} ({self.status})"
+
+    @property
+    def error_text(self) -> str:
+        """Why the warm-up failed, in the active language."""
+        return localized_error(self.error, self.error_code, self.error_params)

@@ -326,7 +326,7 @@ def history_row(job: EditJob) -> HistoryRow:
         template_name=job.template.name,
         template_image_url=reverse("template-image", args=[job.template_id]),
         result_url=data.get("result_url"),
-        error=job.error,
+        error=job.error_text,
         created_at=job.created_at,
         timings=timings,
         total_text=total_text(timings),

@@ -14,6 +14,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from editing import catalog
+from editing.failures import Failure
 from editing.params import check_generation
 from editing.models import CacheWarmup, JobStatus, Template
 from editing.routing import control_queue
@@ -99,10 +100,10 @@ def succeed(warmup_id: int, *, cache_key: str, cache_bytes: int, tier: str, timi
     return updated == 1
 
 
-def fail(warmup_id: int, *, error: str) -> bool:
+def fail(warmup_id: int, *, failure: Failure) -> bool:
     now = timezone.now()
     updated = CacheWarmup.objects.filter(pk=warmup_id, status__in=[JobStatus.QUEUED, JobStatus.RUNNING]).update(
-        status=JobStatus.FAILED, error=error, finished_at=now, updated_at=now
+        status=JobStatus.FAILED, **failure.fields(), finished_at=now, updated_at=now
     )
     return updated == 1
 

@@ -419,7 +419,7 @@ def test_out_of_memory_twice_fails_with_message(api_client_for, monkeypatch):
 
 
 def test_full_disk_message_names_the_fix():
-    message = execution.storage_error_message(OSError(errno.ENOSPC, "No space left on device"))
+    message = execution.storage_failure(OSError(errno.ENOSPC, "No space left on device")).english()
     assert "disk is full" in message
     assert "free disk space" in message
 

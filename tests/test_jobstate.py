@@ -6,6 +6,7 @@ import pytest
 from django.core.files.base import ContentFile
 
 from editing import jobstate
+from editing.failures import Failure
 from editing.models import EditJob, JobStatus, Template
 
 pytestmark = pytest.mark.django_db
@@ -92,7 +93,7 @@ def test_running_cancel_is_a_request(job):
 def test_fail_keeps_final_states(job):
     jobstate.claim(job.pk, worker="w")
     jobstate.succeed(job.pk, result_name="r.png", timings={})
-    assert jobstate.fail(job.pk, error="late failure") is False
+    assert jobstate.fail(job.pk, failure=Failure("edit_error", {"detail": "late failure"})) is False
     assert status_of(job) == JobStatus.SUCCEEDED
 
 

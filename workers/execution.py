@@ -21,6 +21,7 @@ from django.db import DatabaseError, close_old_connections, connection
 from django.utils import timezone
 
 from editing import catalog, imaging, jobstate, warmups
+from editing.failures import Failure, exception_failure
 from editing.models import CacheOutcome, CacheWarmup, EditJob, JobStatus
 from workers import caching, worker_state
 from workers.metrics_publisher import publish_metrics
@@ -48,6 +49,10 @@ def out_of_memory_errors() -> tuple[type[BaseException], ...]:
 class JobOutOfMemory(Exception):
     """The job ran out of memory at its full working size and again at the reduced size."""
 
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.english())
+        self.failure = failure
+
 
 def release_accelerator_memory() -> None:
     import torch
@@ -56,16 +61,10 @@ def release_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def storage_error_message(error: OSError) -> str:
+def storage_failure(error: OSError) -> Failure:
     if error.errno == errno.ENOSPC:
-        return (
-            f"The result could not be stored because the media disk is full ({error}); "
-            "free disk space under EDITOR_MEDIA_ROOT and submit the job again."
-        )
-    return (
-        f"The result could not be stored in the media directory ({type(error).__name__}: {error}); "
-        "make EDITOR_MEDIA_ROOT writable for the worker and submit the job again."
-    )
+        return Failure("disk_full", {"detail": str(error)})
+    return Failure("storage", {"detail": f"{type(error).__name__}: {error}"})
 
 
 class JobTimedOut(SoftTimeLimitExceeded):
@@ -200,7 +199,7 @@ def execute_job(
         logger.info("job %s is already %s; skipping the delivery", job_id, job.status)
         return
     if job.attempts >= MAX_ATTEMPTS:
-        jobstate.fail(job.pk, error=f"The job was interrupted {job.attempts} times; giving up.")
+        jobstate.fail(job.pk, failure=Failure("interrupted", {"attempts": job.attempts}))
         logger.error("job %s failed after %d attempts", job_id, job.attempts)
         return
     # A running job is taken over only when its previous worker is gone: the broker redelivered the
@@ -243,7 +242,7 @@ def run_claimed_job(job: EditJob, *, worker: str, soft_time_limit_s: float | Non
             stored = job.result.storage.save(f"results/{uuid.uuid4().hex}.png", ContentFile(png))
         except OSError as error:
             logger.error("job %s: storing its result failed: %s", job_id, error)
-            jobstate.fail(job.pk, error=storage_error_message(error), timings=timings)
+            jobstate.fail(job.pk, failure=storage_failure(error), timings=timings)
             return
         timings["store"] = (time.perf_counter() - start) * 1000
     except JobCancelled:
@@ -255,20 +254,15 @@ def run_claimed_job(job: EditJob, *, worker: str, soft_time_limit_s: float | Non
     except SoftTimeLimitExceeded:
         limit = soft_time_limit_s or settings.EDITOR_JOB_SOFT_TIME_LIMIT_S
         logger.error("job %s exceeded the soft time limit of %g s", job_id, limit)
-        jobstate.fail(
-            job.pk,
-            error=f"The job timed out: it ran longer than the time limit of {limit:g} s "
-            "(EDITOR_JOB_SOFT_TIME_LIMIT_S); use fewer steps or a smaller image.",
-            timings=timings,
-        )
+        jobstate.fail(job.pk, failure=Failure("timed_out", {"limit": f"{limit:g}"}), timings=timings)
         return
     except JobOutOfMemory as error:
         logger.error("job %s: %s", job_id, error)
-        jobstate.fail(job.pk, error=str(error), timings=timings)
+        jobstate.fail(job.pk, failure=error.failure, timings=timings)
         return
     except Exception as error:  # noqa: BLE001 - any failure ends this job, never the worker
         logger.exception("job %s failed", job_id)
-        jobstate.fail(job.pk, error=f"{type(error).__name__}: {error}", timings=timings)
+        jobstate.fail(job.pk, failure=exception_failure("edit_error", error), timings=timings)
         return
 
     details = {
@@ -324,9 +318,11 @@ def run_job_shrinking_on_oom(job: EditJob, timings: dict[str, float], *, worker:
     except oom_errors as error:
         release_accelerator_memory()
         raise JobOutOfMemory(
-            f"The job ran out of memory at {runner_settings.max_work_pixels} working pixels and again at "
-            f"{smaller.max_work_pixels} ({type(error).__name__}); lower EDITOR_MAX_WORK_PIXELS or give the "
-            "worker more memory."
+            Failure(
+                "out_of_memory",
+                {"pixels": runner_settings.max_work_pixels, "smaller": smaller.max_work_pixels,
+                 "detail": type(error).__name__},
+            )
         ) from error
 
 
@@ -446,7 +442,7 @@ def execute_warmup(warmup_id: int, *, worker: str) -> None:
         )
     except Exception as error:  # noqa: BLE001 - a failed warm-up only costs later jobs their cache hit
         logger.exception("warm-up %s of template %s failed", warmup_id, warmup.template_id)
-        warmups.fail(warmup.pk, error=f"{type(error).__name__}: {error}")
+        warmups.fail(warmup.pk, failure=exception_failure("warmup_error", error, template=warmup.template_id))
         return
     worker_state.remember_cache(model.name, key)
     publish_metrics(worker)

@@ -21,6 +21,8 @@ from editing.params import MAX_GUIDANCE, MAX_SEED
 # at the working size it degenerates to a one-pixel-wide column.
 MAX_ASPECT_RATIO = 16
 
+ERROR_HELP = "Why it failed, in the request's language (Accept-Language); empty unless the status is failed."
+
 
 def read_upload(upload: UploadedFile, *, field: str) -> bytes:
     """Read an uploaded file, rejecting it by its declared size before reading it whole."""
@@ -103,6 +105,8 @@ class WarmupSerializer(serializers.ModelSerializer):
             "cache_bytes", "cache_tier", "worker", "timings", "error", "created_at", "finished_at",
         ]
         read_only_fields = fields
+
+    error = serializers.CharField(source="error_text", read_only=True, help_text=ERROR_HELP)
 
 
 class WarmupRequestSerializer(serializers.Serializer):
@@ -200,6 +204,7 @@ class JobSerializer(serializers.ModelSerializer):
     queue_position = serializers.SerializerMethodField()
     cache_used = serializers.BooleanField(read_only=True, allow_null=True)
     result_url = serializers.SerializerMethodField()
+    error = serializers.CharField(source="error_text", read_only=True, help_text=ERROR_HELP)
 
     class Meta:
         model = EditJob

@@ -392,6 +392,15 @@ def test_mask_tools(browser, live_server, alice, no_warmups, media_root):
     page.click("#mask-clear")
     assert mask_coverage_percent(page) == 0
 
+    # The size box: a value sets the slider, a cleared box keeps the current size.
+    page.fill("#brush-size-number", "120")
+    page.press("#brush-size-number", "Enter")
+    assert page.input_value("#brush-size") == "120"
+    page.fill("#brush-size-number", "")
+    page.press("#brush-size-number", "Tab")
+    assert page.input_value("#brush-size-number") == "120"
+    assert page.input_value("#brush-size") == "120"
+
     # Keyboard: R selects the rectangle tool; a 200 x 100 px box at half zoom covers 1/12 of the image.
     page.focus("#stage-scroller")
     page.keyboard.press("r")

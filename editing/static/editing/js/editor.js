@@ -176,7 +176,15 @@ function bindMaskTools() {
     radio.addEventListener("change", () => setTool(radio.value));
   }
   $("brush-size").addEventListener("input", (event) => setBrushSize(Number(event.target.value)));
-  $("brush-size-number").addEventListener("change", (event) => setBrushSize(Number(event.target.value)));
+  $("brush-size-number").addEventListener("change", (event) => {
+    // A cleared or unparseable box keeps the current size instead of shrinking the brush to the minimum.
+    const text = event.target.value.trim();
+    if (text === "" || !Number.isFinite(Number(text))) {
+      event.target.value = mask.brushSize;
+      return;
+    }
+    setBrushSize(Number(text));
+  });
   $("mask-undo").addEventListener("click", () => mask.undo());
   $("mask-redo").addEventListener("click", () => mask.redo());
   $("mask-clear").addEventListener("click", () => mask.clear());

@@ -34,7 +34,14 @@ import numpy as np
 import requests
 from PIL import Image
 
-from editor_site.stack import ProcessGroup, free_loopback_port, start_embedded_redis, wait_for_port, worker_command
+from editor_site.stack import (
+    CELERY_COLD_SHUTDOWN,
+    ProcessGroup,
+    free_loopback_port,
+    start_embedded_redis,
+    wait_for_port,
+    worker_command,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +162,10 @@ def start_stack(run_dir: Path, clients: int, *, workers: int, web_threads: int) 
             raise RuntimeError(f"expected {clients} API tokens from manage.py shell; got {tokens[:5]}")
         from editing.routing import all_queues
 
-        group.start("celery worker", worker_command(all_queues(), name="load", concurrency=workers), env=env)
+        group.start(
+            "celery worker", worker_command(all_queues(), name="load", concurrency=workers), env=env,
+            leader_signal=CELERY_COLD_SHUTDOWN,
+        )
         group.start("reconciler", [sys.executable, "manage.py", "reconcile_jobs", "--interval", "10"], env=env)
         port = free_loopback_port()
         web = group.start(

@@ -55,7 +55,14 @@ from PIL import Image, ImageOps
 
 from bench.load import CREATE_USERS, FINAL_STATUSES, REQUEST_TIMEOUT_S, manage, png
 from editing.imaging import mask_ratio
-from editor_site.stack import ProcessGroup, free_loopback_port, start_embedded_redis, wait_for_port, worker_command
+from editor_site.stack import (
+    CELERY_COLD_SHUTDOWN,
+    ProcessGroup,
+    free_loopback_port,
+    start_embedded_redis,
+    wait_for_port,
+    worker_command,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -484,7 +491,8 @@ def stack_env(system: System, run_dir: Path, model: Path) -> dict[str, str]:
 
 
 def start_logged(
-    group: ProcessGroup, name: str, args: list[str], env: dict[str, str], log_dir: Path
+    group: ProcessGroup, name: str, args: list[str], env: dict[str, str], log_dir: Path,
+    leader_signal: int | None = None,
 ) -> subprocess.Popen:
     """Start a child in its own session (so the group can stop it) with its output in `log_dir/<name>.log`."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -492,7 +500,7 @@ def start_logged(
         process = subprocess.Popen(
             args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    group.adopt(name, process)
+    group.adopt(name, process, leader_signal=leader_signal)
     return process
 
 
@@ -505,7 +513,9 @@ def start_worker(stack: ServingStack, name: str) -> None:
 
     env = {**stack.env, "EDITOR_CACHE_DIR": str(stack.run_dir / f"cache-{name}")}
     command = worker_command(all_queues(), name=name, batch=int(stack.system.env["EDITOR_ENGINE_MAX_BATCH"]))
-    start_logged(stack.group, f"worker {name}", command, env, stack.run_dir / "logs")
+    start_logged(
+        stack.group, f"worker {name}", command, env, stack.run_dir / "logs", leader_signal=CELERY_COLD_SHUTDOWN
+    )
 
 
 def start_serving_stack(system: System, run_dir: Path, model: Path) -> ServingStack:

@@ -14,6 +14,10 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+# Celery's cold shutdown, sent to the worker's main process only: the pool ends at once and late-acked messages
+# go back to their queues. A signal to the whole group would kill the pool child and log a WorkerLostError.
+CELERY_COLD_SHUTDOWN = signal.SIGQUIT
+
 
 def free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -99,17 +103,27 @@ class ProcessGroup:
 
     processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
     last: set[int] = field(default_factory=set)
+    # Processes stopped with a signal to their main process only (pid -> signal) instead of SIGTERM to their group.
+    leader_signals: dict[int, int] = field(default_factory=dict)
 
-    def start(self, name: str, args: list[str], *, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start(
+        self, name: str, args: list[str], *, env: dict[str, str] | None = None, leader_signal: int | None = None
+    ) -> subprocess.Popen:
+        """Start `args` in its own session; `leader_signal` stops it by signalling its main process only."""
         process = subprocess.Popen(args, env=env or os.environ.copy(), start_new_session=True)
-        self.processes.append((name, process))
+        self.adopt(name, process, leader_signal=leader_signal)
         logger.info("started %s (pid %d)", name, process.pid)
         return process
 
-    def adopt(self, name: str, process: subprocess.Popen, *, stop_last: bool = False) -> None:
+    def adopt(
+        self, name: str, process: subprocess.Popen, *, stop_last: bool = False, leader_signal: int | None = None
+    ) -> None:
+        """Add a process started in its own session; see `start` for `leader_signal`."""
         self.processes.append((name, process))
         if stop_last:
             self.last.add(process.pid)
+        if leader_signal is not None:
+            self.leader_signals[process.pid] = leader_signal
 
     def first_exited(self) -> tuple[str, int] | None:
         for name, process in self.processes:
@@ -125,7 +139,10 @@ class ProcessGroup:
             for name, process in reversed(wave):
                 if process.poll() is None:
                     logger.info("stopping %s (pid %d)", name, process.pid)
-                    os.killpg(process.pid, signal.SIGTERM)
+                    if process.pid in self.leader_signals:
+                        process.send_signal(self.leader_signals[process.pid])
+                    else:
+                        os.killpg(process.pid, signal.SIGTERM)
             for name, process in reversed(wave):
                 remaining = max(0.1, deadline - time.monotonic())
                 try:
@@ -134,3 +151,10 @@ class ProcessGroup:
                     logger.warning("%s did not stop in time; killing it", name)
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
+                    continue
+                if process.pid in self.leader_signals:
+                    # Kill children that outlived their main process. A clean cold shutdown leaves none.
+                    try:
+                        os.killpg(process.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass

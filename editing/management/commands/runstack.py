@@ -15,7 +15,14 @@ from django.core.management.base import BaseCommand, CommandError
 
 from editing.routing import all_queues
 from editor_site.broker import embedded_url_file
-from editor_site.stack import ProcessGroup, port_in_use, start_embedded_redis, wait_for_port, worker_command
+from editor_site.stack import (
+    CELERY_COLD_SHUTDOWN,
+    ProcessGroup,
+    port_in_use,
+    start_embedded_redis,
+    wait_for_port,
+    worker_command,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +72,7 @@ class Command(BaseCommand):
             if loaded.returncode != 0:
                 raise CommandError(f"Loading the demo templates failed with exit code {loaded.returncode}; see the output above.")
             if not no_worker:
-                group.start("celery worker", worker_command(all_queues()), env=env)
+                group.start("celery worker", worker_command(all_queues()), env=env, leader_signal=CELERY_COLD_SHUTDOWN)
             # Re-sends jobs that Redis lost or whose worker died (see editing.reconciler).
             group.start("reconciler", [sys.executable, "manage.py", "reconcile_jobs", "--interval", "10"], env=env)
             web = group.start(

@@ -104,3 +104,53 @@ def test_services_reject_unstorable_guidance(demo_user):
         warmups.request_warmup(template, seed=0, steps=4, guidance=float("nan"))
     assert template.jobs.count() == jobs_before
     assert template.warmups.count() == warmups_before
+
+
+@pytest.mark.django_db
+def test_edit_waits_through_broker_loss(demo_user, media_root, monkeypatch):
+    """A broker that goes away mid-job is reported once; the command still waits for the job's row."""
+    from types import SimpleNamespace
+
+    from django.core.files.base import ContentFile
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from editing import jobstate
+    from editing.management.commands import edit
+    from editing.models import EditJob, JobStatus, Template
+
+    template = Template(owner=demo_user, name="t", width=16, height=16, content_hash="0" * 64)
+    template.image.save("t.png", ContentFile(b"x"), save=False)
+    template.save()
+    job = EditJob(
+        owner=demo_user, template=template, prompt="p", seed=0, steps=4, guidance=30.0,
+        mask_ratio=0.1, bucket="m10", queue_name="edit.flux.m10",
+    )
+    job.mask.save("m.png", ContentFile(b"x"), save=False)
+    job.save()
+    assert jobstate.claim(job.pk, worker="w1")
+
+    checks = []
+
+    def broker_gone(timeout_s: float = 2.0) -> set[str]:
+        checks.append(timeout_s)
+        raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6399. Connection refused.")
+
+    polls = []
+
+    def sleep(_seconds: float) -> None:
+        polls.append(1)
+        if len(polls) == 5:
+            assert jobstate.succeed(job.pk, result_name="results/r.png", timings={"denoise": 1.0})
+
+    monkeypatch.setattr(edit, "live_queues", broker_gone)
+    monkeypatch.setattr(edit, "WORKER_CHECK_INTERVAL_S", 0.0)
+    monkeypatch.setattr(edit, "time", SimpleNamespace(monotonic=edit.time.monotonic, sleep=sleep))
+    stdout, stderr = StringIO(), StringIO()
+
+    final = edit.Command(stdout=stdout, stderr=stderr).wait(job)
+
+    assert final.status == JobStatus.SUCCEEDED
+    assert len(checks) == 1
+    assert stderr.getvalue().count("Lost the Redis broker") == 1
+    assert "Connection refused" in stderr.getvalue()
+    assert "succeeded: 100.0%" in stdout.getvalue()

@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 
 from django.conf import settings
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
@@ -16,6 +18,8 @@ from editor_site.celery import app as celery_app
 
 POLL_INTERVAL_S = 0.5
 WORKER_CHECK_INTERVAL_S = 15.0
+# What asking the workers raises when the broker is down or restarted on another port.
+BROKER_ERRORS = (OSError, RedisError, OperationalError)
 
 
 def live_queues(timeout_s: float = 2.0) -> set[str]:
@@ -62,7 +66,7 @@ class Command(BaseCommand):
         job_queue = services.queue_for_mask(mask, model)
         try:
             queues = live_queues()
-        except OSError as error:
+        except BROKER_ERRORS as error:
             raise CommandError(f"Cannot reach the Redis broker at {celery_app.conf.broker_url}: {error}") from None
         if job_queue not in queues:
             raise CommandError(
@@ -77,7 +81,7 @@ class Command(BaseCommand):
         self.stdout.write(f"Job {job.pk} queued on {job.queue_name} (mask ratio {job.mask_ratio:.3f}).")
         job = self.wait(job)
         if job.status != JobStatus.SUCCEEDED:
-            raise CommandError(f"Job {job.pk} {job.status}: {job.error or 'no error message'}")
+            raise CommandError(f"Job {job.pk} {job.status}: {job.error_text or 'no error message'}")
         options["out"].parent.mkdir(parents=True, exist_ok=True)
         with job.result.open("rb") as handle:
             options["out"].write_bytes(handle.read())
@@ -102,6 +106,7 @@ class Command(BaseCommand):
 
     def wait(self, job: EditJob) -> EditJob:
         last_line = ""
+        broker_lost = False
         next_worker_check = time.monotonic() + WORKER_CHECK_INTERVAL_S
         while True:
             job.refresh_from_db()
@@ -116,8 +121,18 @@ class Command(BaseCommand):
                 self.stdout.write(line, ending="")
                 self.stdout.flush()
                 last_line = line
-            if time.monotonic() >= next_worker_check:
+            if time.monotonic() >= next_worker_check and not broker_lost:
                 next_worker_check = time.monotonic() + WORKER_CHECK_INTERVAL_S
-                if job.queue_name not in live_queues():
-                    self.stderr.write(f"\nNo live worker serves {job.queue_name}; the job waits until one starts.")
+                try:
+                    served = job.queue_name in live_queues()
+                except BROKER_ERRORS as error:
+                    # The job's row is in the database, so waiting goes on without the broker.
+                    broker_lost = True
+                    self.stderr.write(
+                        f"\nLost the Redis broker at {celery_app.conf.broker_url} ({error}). The job is kept and "
+                        "runs again when the stack is back ('make run'); still waiting, Ctrl-C stops waiting."
+                    )
+                else:
+                    if not served:
+                        self.stderr.write(f"\nNo live worker serves {job.queue_name}; the job waits until one starts.")
             time.sleep(POLL_INTERVAL_S)

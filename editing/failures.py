@@ -77,7 +77,7 @@ def exception_failure(code: str, error: BaseException, **params: object) -> Fail
 
 
 def localized_error(error: str, code: str, params: dict[str, object] | None) -> str:
-    """Return the stored failure in the active language, or the stored English `error` for rows without a known code."""
+    """Return the stored failure in the active language, or the stored English `error` for rows without a code."""
     if not code or code not in MESSAGES:
         return error
     try:

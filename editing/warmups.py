@@ -138,6 +138,16 @@ def cache_is_valid(cache_key: str) -> bool:
     ).exists()
 
 
+def vouched_cache_bytes(cache_key: str) -> int | None:
+    """Return the size a valid warm-up recorded for this cache entry, or None when none vouches for it."""
+    warmup = (
+        CacheWarmup.objects.filter(cache_key=cache_key, status=JobStatus.SUCCEEDED, dropped_at__isnull=True)
+        .order_by("-finished_at")
+        .first()
+    )
+    return None if warmup is None else int(warmup.cache_bytes or 0)
+
+
 def drop_cache(template: Template) -> int:
     """Mark the template's cached activations as dropped; workers discard them on next use.
 

@@ -171,6 +171,20 @@ def test_warm_endpoint_queues_warmup(api_client_for, celery_worker_process):
             break
         assert time.monotonic() < deadline, "the requested warm-up never finished"
         time.sleep(0.2)
+    first = warmups[0]
+    assert "warmup" in first["timings"]
+
+    # The same warm-up again finds the entry in the worker's cache and does not recompute it.
+    again = client.post(f"/api/templates/{template['id']}/warm/", {"steps": 3, "seed": 5}, format="json")
+    assert again.status_code == 202, again.content
+    cache = wait_for_warmup(client, template["id"])
+    assert cache["id"] == again.json()["id"]
+    assert cache["status"] == "succeeded", cache["error"]
+    assert cache["cache_key"] == first["cache_key"]
+    assert cache["cache_bytes"] == first["cache_bytes"]
+    assert "warmup" not in cache["timings"]
+    assert "cache_lookup" in cache["timings"]
+
     job = submit(client, template["id"], stroke_mask(451, 300), steps=3, seed=5)
     body, _ = poll_until_final(client, job["id"])
     assert body["cache_outcome"] == "hit"

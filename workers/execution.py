@@ -23,6 +23,7 @@ from django.utils import timezone
 from editing import catalog, imaging, jobstate, warmups
 from editing.failures import Failure, exception_failure
 from editing.models import CacheOutcome, CacheWarmup, EditJob, JobStatus
+from cache.keys import CacheKey
 from workers import caching, worker_state
 from workers.metrics_publisher import publish_metrics
 from workers.model_loading import get_model
@@ -412,6 +413,28 @@ def run_job(
     return result, decision
 
 
+def reuse_cached_warmup(warmup: CacheWarmup, key: CacheKey) -> bool:
+    """Finish `warmup` without computing when this worker's cache already contains a valid entry for `key`.
+
+    The key covers the template's content, so a second upload of the same image, or a repeated warm-up
+    request, would compute the same activations again.
+    """
+    started = time.perf_counter()
+    cache_bytes = warmups.vouched_cache_bytes(key.digest())
+    tier = get_store().tier_of(key) if cache_bytes is not None else None
+    if tier is None:
+        return False
+    logger.info(
+        "warm-up %s of template %s: cache %s is already in %s; reusing it", warmup.pk, warmup.template_id,
+        key.short(), tier,
+    )
+    warmups.succeed(
+        warmup.pk, cache_key=key.digest(), cache_bytes=cache_bytes or 0, tier=tier,
+        timings={"cache_lookup": (time.perf_counter() - started) * 1000},
+    )
+    return True
+
+
 def execute_warmup(warmup_id: int, *, worker: str) -> None:
     close_old_connections()
     warmup = CacheWarmup.objects.select_related("template").filter(pk=warmup_id).first()
@@ -429,6 +452,8 @@ def execute_warmup(warmup_id: int, *, worker: str) -> None:
             model, template, template_hash=warmup.template.content_hash, steps=warmup.steps,
             seed=warmup.seed, guidance=warmup.guidance, variant=warmup.variant, settings=runner_settings,
         )
+        if reuse_cached_warmup(warmup, key):
+            return
 
         progress = [0.0]
 

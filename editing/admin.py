@@ -16,7 +16,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
 from editing import services, warmups
-from editing.models import CacheOutcome, CacheWarmup, EditJob, Template
+from editing.models import ACTIVE_STATUSES, CacheOutcome, CacheWarmup, EditJob, Template
 from editing.pages import cache_outcome_label, cache_variant_label, phase_timings, total_text
 
 THUMBNAIL_LIST_PX = 96
@@ -93,6 +93,20 @@ class TemplateAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         # Templates are uploaded through the API, which decodes, orients and measures the image.
         return False
+
+    def get_deleted_objects(self, objs, request: HttpRequest):
+        """List queued and running jobs as protected, so the admin refuses the deletion as the API does."""
+        deleted, model_count, perms_needed, protected = super().get_deleted_objects(objs, request)
+        active = EditJob.objects.filter(template__in=list(objs), status__in=ACTIVE_STATUSES).select_related("template")
+        protected = [
+            *protected,
+            *(
+                _("Job %(job)s of template %(template)s is %(status)s; cancel it or wait until it ends.")
+                % {"job": job.pk, "template": job.template_id, "status": job.get_status_display()}
+                for job in active
+            ),
+        ]
+        return deleted, model_count, perms_needed, protected
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Template]:
         hits = Q(jobs__cache_outcome=CacheOutcome.HIT)

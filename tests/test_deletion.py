@@ -1,0 +1,110 @@
+"""Deleting templates: stored files go with their rows, and templates with active jobs are kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from django.core.files.base import ContentFile
+from django.test import Client
+
+from editing import services
+from editing.models import EditJob, JobStatus, Template
+
+pytestmark = pytest.mark.django_db
+
+
+def make_job(template: Template, status: str) -> EditJob:
+    job = EditJob(
+        owner=template.owner, template=template, prompt="p", seed=0, steps=4, guidance=30.0,
+        mask_ratio=0.1, bucket="m10", queue_name="edit.flux.m10", status=status,
+    )
+    job.mask.save("m.png", ContentFile(b"mask"), save=False)
+    if status == JobStatus.SUCCEEDED:
+        job.result.save("r.png", ContentFile(b"result"), save=False)
+    job.save()
+    return job
+
+
+@pytest.fixture
+def template(make_user, media_root, settings) -> Template:
+    settings.EDITOR_WARMUP_ON_CREATE = False
+    image = np.zeros((32, 48, 3), dtype=np.uint8)
+    return services.create_template(owner=make_user("alice"), name="banner", image=image)
+
+
+def stored_paths(template: Template) -> list[str]:
+    paths = [template.image.path]
+    for job in template.jobs.all():
+        paths.append(job.mask.path)
+        if job.result:
+            paths.append(job.result.path)
+    return paths
+
+
+def path_exists(path: str) -> bool:
+    return Path(path).exists()
+
+
+def test_api_delete_removes_files(template, api_client_for, django_capture_on_commit_callbacks):
+    make_job(template, JobStatus.SUCCEEDED)
+    make_job(template, JobStatus.FAILED)
+    paths = stored_paths(template)
+    assert len(paths) == 4
+    assert all(path_exists(path) for path in paths)
+    client = api_client_for("bob")
+    client.force_authenticate(template.owner)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.delete(f"/api/templates/{template.pk}/")
+
+    assert response.status_code == 204
+    assert not Template.objects.filter(pk=template.pk).exists()
+    assert EditJob.objects.count() == 0
+    assert [path for path in paths if path_exists(path)] == []
+
+
+def test_rollback_keeps_files(template, django_capture_on_commit_callbacks):
+    make_job(template, JobStatus.SUCCEEDED)
+    paths = stored_paths(template)
+
+    # Without a commit the captured callbacks never run, as after a rollback.
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        template.delete()
+
+    assert len(callbacks) == 3
+    assert all(path_exists(path) for path in paths)
+
+
+def test_admin_refuses_template_with_active_job(template, admin_user):
+    running = make_job(template, JobStatus.RUNNING)
+    admin = Client()
+    admin.force_login(admin_user)
+
+    page = admin.post(f"/admin/editing/template/{template.pk}/delete/", {"post": "yes"})
+    action = admin.post(
+        "/admin/editing/template/",
+        {"action": "delete_selected", "_selected_action": [template.pk], "post": "yes"},
+    )
+
+    assert Template.objects.filter(pk=template.pk).exists()
+    assert page.status_code == 200
+    assert f"Job {running.pk} of template {template.pk} is running" in page.content.decode()
+    assert action.status_code == 200
+    assert f"Job {running.pk} of template {template.pk} is running" in action.content.decode()
+    assert path_exists(template.image.path)
+
+
+def test_admin_deletes_finished_template(template, admin_user, django_capture_on_commit_callbacks):
+    make_job(template, JobStatus.CANCELLED)
+    paths = stored_paths(template)
+    admin = Client()
+    admin.force_login(admin_user)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin.post(f"/admin/editing/template/{template.pk}/delete/", {"post": "yes"})
+
+    assert response.status_code == 302
+    assert not Template.objects.filter(pk=template.pk).exists()
+    assert [path for path in paths if path_exists(path)] == []

@@ -154,6 +154,10 @@ class ActivationStore:
         self.metrics.key_hit(digest)
         return entry
 
+    def record_miss(self) -> None:
+        """Count a lookup that the caller answered as a miss without reading the store (a dropped entry)."""
+        self._count_miss()
+
     def _count_miss(self) -> None:
         with self._condition:
             self._misses += 1

@@ -11,6 +11,7 @@ import logging
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from editing import catalog
@@ -151,10 +152,13 @@ def vouched_cache_bytes(cache_key: str) -> int | None:
 def drop_cache(template: Template) -> int:
     """Mark the template's cached activations as dropped; workers discard them on next use.
 
-    Returns the number of warm-ups whose caches were dropped.
+    Templates with the same image content share cache entries, so the warm-ups of other templates that vouch
+    for the same keys are dropped too. Returns the number of warm-ups whose caches were dropped.
     """
-    dropped = template.warmups.filter(status=JobStatus.SUCCEEDED, dropped_at__isnull=True).update(
-        dropped_at=timezone.now()
+    valid = CacheWarmup.objects.filter(status=JobStatus.SUCCEEDED, dropped_at__isnull=True)
+    keys = list(
+        template.warmups.filter(status=JobStatus.SUCCEEDED).exclude(cache_key="").values_list("cache_key", flat=True)
     )
+    dropped = valid.filter(Q(template=template) | Q(cache_key__in=keys)).update(dropped_at=timezone.now())
     logger.info("cache of template %s dropped (%d warm-ups)", template.pk, dropped)
     return dropped

@@ -141,3 +141,29 @@ def test_token_endpoint_is_throttled(client, django_user_model):
 
     assert statuses[:10] == [400] * 10
     assert statuses[10] == 429
+
+
+def test_drop_covers_templates_sharing_content(api_client_for, media_root, settings):
+    from editing.models import CacheWarmup, JobStatus, Template
+
+    settings.EDITOR_WARMUP_ON_CREATE = False
+    alice = api_client_for("alice")
+    png = (PHOTOS / "coffee.png").read_bytes()
+    first = upload(alice, png).json()
+    again = upload(alice, png, name="coffee again").json()
+    other = upload(alice, (PHOTOS / "chelsea.png").read_bytes()).json()
+    assert first["content_hash"] == again["content_hash"]
+    for template_id, key in ((first["id"], "shared"), (again["id"], "shared"), (other["id"], "other")):
+        CacheWarmup.objects.create(
+            template=Template.objects.get(pk=template_id), seed=0, steps=20, guidance=30.0, variant="kv",
+            status=JobStatus.SUCCEEDED, cache_key=key, cache_bytes=1024, cache_tier="memory",
+        )
+    assert alice.get(f"/api/templates/{first['id']}/").json()["cache"]["dropped_at"] is None
+
+    response = alice.delete(f"/api/templates/{first['id']}/cache/")
+
+    assert response.status_code == 200
+    assert response.json() == {"dropped": 2}
+    assert alice.get(f"/api/templates/{first['id']}/").json()["cache"]["dropped_at"] is not None
+    assert alice.get(f"/api/templates/{again['id']}/").json()["cache"]["dropped_at"] is not None
+    assert alice.get(f"/api/templates/{other['id']}/").json()["cache"]["dropped_at"] is None

@@ -253,3 +253,16 @@ def test_concurrent_profiles_share_a_folder(model, tmp_path):
     assert errors == []
     assert len(profiles) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dropped_entry_counts_as_miss(model, store, template):
+    settings = RunnerSettings()
+    key = key_for(model, template)
+    caching.warm_template(model, caching.working_template(model, template, settings), key, settings=settings)
+    misses_before = store.stats().misses
+
+    decision = caching.decide(model, key, 0.2, pending_same_key=0, cache_valid=False)
+
+    assert decision.outcome == CacheOutcome.MISS_FULL
+    assert not store.contains(key)
+    assert store.stats().misses == misses_before + 1

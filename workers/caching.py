@@ -166,7 +166,11 @@ def decide(
         if streamed is not None:
             # The plan predicts full recompute to beat loading this entry from disk.
             return CacheDecision(CacheOutcome.BYPASS, None, None, 1.0, queue_warmup=False)
-    activations = load_activations(key) if cache_valid else None
+    if cache_valid:
+        activations = load_activations(key)
+    else:
+        activations = None
+        store.record_miss()
     if activations is not None:
         return CacheDecision(CacheOutcome.HIT, key, activations, flop_fraction, queue_warmup=False)
     if should_warm_first(pending_same_key, flop_fraction):

@@ -102,9 +102,13 @@ class WarmupSerializer(serializers.ModelSerializer):
         model = CacheWarmup
         fields = [
             "id", "template", "model", "status", "progress", "seed", "steps", "guidance", "variant", "cache_key",
-            "cache_bytes", "cache_tier", "worker", "timings", "error", "created_at", "finished_at",
+            "cache_bytes", "cache_tier", "worker", "timings", "error", "created_at", "finished_at", "dropped_at",
         ]
         read_only_fields = fields
+        extra_kwargs = {
+            "cache_tier": {"help_text": "Tier the warm-up stored its entry in. A worker restart empties the memory tier."},
+            "dropped_at": {"help_text": "When the cache was dropped; jobs no longer use it. Null while it is valid."},
+        }
 
     error = serializers.CharField(source="error_text", read_only=True, help_text=ERROR_HELP)
 

@@ -8,6 +8,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from editing.models import EditJob, JobStatus
 from tests.conftest import PHOTOS, png_bytes, stroke_mask
+from tests.test_i18n import JAPANESE
 
 pytestmark = pytest.mark.django_db
 
@@ -182,6 +183,8 @@ def test_not_found_names_the_id_and_the_fix(api_client_for, coffee):
 def test_result_messages_follow_job_status(alice, coffee):
     job = submit(alice, coffee["id"], stroke_mask(600, 400)).json()
     queued = alice.get(f"/api/jobs/{job['id']}/result/").json()["detail"]
+    EditJob.objects.filter(pk=job["id"]).update(status=JobStatus.FAILED)
+    failed = alice.get(f"/api/jobs/{job['id']}/result/").json()["detail"]
     EditJob.objects.filter(pk=job["id"]).update(status=JobStatus.CANCELLED)
     cancelled = alice.get(f"/api/jobs/{job['id']}/result/").json()["detail"]
 
@@ -189,10 +192,11 @@ def test_result_messages_follow_job_status(alice, coffee):
         f"Job {job['id']} has no result yet; its status is queued. Poll GET /api/jobs/{job['id']}/ until it is "
         "succeeded."
     )
-    assert cancelled == (
-        f"Job {job['id']} has no result because it ended with status cancelled; see its error, or submit the edit "
+    assert failed == (
+        f"Job {job['id']} has no result because it ended with status failed; see its error, or submit the edit "
         "again."
     )
+    assert cancelled == f"Job {job['id']} was cancelled, so it has no result; submit the edit again."
 
 
 def test_missing_fields_name_the_field_and_the_fix(alice, coffee):
@@ -226,3 +230,46 @@ def test_nul_in_prompt_names_the_position(alice, coffee):
     response = submit(alice, coffee["id"], stroke_mask(600, 400), prompt="a red\x00 cup")
     assert response.status_code == 400
     assert response.json()["prompt"] == ["prompt contains a NUL character (code 0) at character 6; remove it."]
+
+
+def test_job_list_filters(alice, coffee):
+    from editing import jobstate
+
+    first = submit(alice, coffee["id"], stroke_mask(600, 400)).json()
+    second = submit(alice, coffee["id"], stroke_mask(600, 400)).json()
+    other = alice.post(
+        "/api/templates/",
+        {"image": SimpleUploadedFile("chelsea.png", (PHOTOS / "chelsea.png").read_bytes())},
+        format="multipart",
+    ).json()
+    third = submit(alice, other["id"], stroke_mask(451, 300)).json()
+    assert jobstate.cancel_queued(second["id"])
+
+    def ids(query: str) -> set[str]:
+        response = alice.get(f"/api/jobs/{query}")
+        assert response.status_code == 200, response.content
+        return {job["id"] for job in response.json()["results"]}
+
+    assert ids("") == {first["id"], second["id"], third["id"]}
+    assert ids("?status=cancelled") == {second["id"]}
+    assert ids("?status=queued") == {first["id"], third["id"]}
+    assert ids(f"?template={other['id']}") == {third["id"]}
+    assert ids(f"?status=queued&template={coffee['id']}") == {first["id"]}
+
+
+def test_job_list_rejects_bad_filters(alice):
+    bad_status = alice.get("/api/jobs/?status=done")
+    bad_template = alice.get("/api/jobs/?template=abc")
+    japanese = alice.get("/api/jobs/?status=done", HTTP_ACCEPT_LANGUAGE="ja")
+
+    assert bad_status.status_code == 400
+    assert bad_status.json()["status"] == [
+        "'done' is not a job status; use one of queued, running, succeeded, failed, cancelled."
+    ]
+    assert bad_template.status_code == 400
+    assert bad_template.json()["template"] == [
+        "'abc' is not a template id; use the number from GET /api/templates/."
+    ]
+    assert japanese.status_code == 400
+    assert "'done'" in japanese.json()["status"][0]
+    assert JAPANESE.search(japanese.json()["status"][0])

@@ -10,6 +10,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from PIL import Image
 
 from tests.conftest import PHOTOS, png_bytes
+from tests.test_i18n import JAPANESE
 
 pytestmark = pytest.mark.django_db
 
@@ -136,11 +137,19 @@ def test_token_endpoint_is_throttled(client, django_user_model):
 
     cache.clear()
     django_user_model.objects.create_user(username="dave", password="pw-dave-1")
-    statuses = [client.post("/api/token/", {"username": "dave", "password": "wrong"}).status_code for _ in range(11)]
+    statuses = [client.post("/api/token/", {"username": "dave", "password": "wrong"}).status_code for _ in range(10)]
+    english = client.post("/api/token/", {"username": "dave", "password": "wrong"})
+    japanese = client.post("/api/token/", {"username": "dave", "password": "wrong"}, HTTP_ACCEPT_LANGUAGE="ja")
     cache.clear()
 
-    assert statuses[:10] == [400] * 10
-    assert statuses[10] == 429
+    assert statuses == [400] * 10
+    assert english.status_code == 429
+    assert english.json()["detail"].startswith("Too many sign-in attempts from this address; the limit is 10/min.")
+    assert int(english["Retry-After"]) > 0
+    assert japanese.status_code == 429
+    assert "10/min" in japanese.json()["detail"]
+    assert "Expected" not in japanese.json()["detail"]
+    assert JAPANESE.search(japanese.json()["detail"])
 
 
 def test_drop_covers_templates_sharing_content(api_client_for, media_root, settings):
@@ -167,3 +176,14 @@ def test_drop_covers_templates_sharing_content(api_client_for, media_root, setti
     assert alice.get(f"/api/templates/{first['id']}/").json()["cache"]["dropped_at"] is not None
     assert alice.get(f"/api/templates/{again['id']}/").json()["cache"]["dropped_at"] is not None
     assert alice.get(f"/api/templates/{other['id']}/").json()["cache"]["dropped_at"] is None
+
+
+def test_json_upload_names_multipart(api_client_for):
+    response = api_client_for("alice").post("/api/templates/", {"name": "x"}, format="json")
+
+    assert response.status_code == 415
+    assert response.json()["detail"] == (
+        "Content type application/json is not accepted here; send one of multipart/form-data, "
+        "application/x-www-form-urlencoded. Files such as image go in a multipart/form-data body "
+        "(curl -F image=@photo.png)."
+    )

@@ -1,4 +1,4 @@
-"""API exception handler: missing objects and malformed ids become 404s that name the id, never 500s."""
+"""API exception handler: 404s that name the id, never 500s, and 415s that name the accepted content types."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404
 from django.utils.translation import gettext as _
-from rest_framework import status
+from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
@@ -35,4 +35,18 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     # /api/jobs/abc/. A NotFound that a view raises carries its own message and keeps it.
     if isinstance(exc, (Http404, DjangoValidationError)):
         return Response({"detail": not_found_detail(context)}, status=status.HTTP_404_NOT_FOUND)
+    if isinstance(exc, exceptions.UnsupportedMediaType):
+        return Response({"detail": unsupported_media_detail(context)}, status=status.HTTP_415_UNSUPPORTED_MEDIA_TYPE)
     return drf_exception_handler(exc, context)
+
+
+def unsupported_media_detail(context: dict) -> str:
+    """Return the 415 message: the content type sent and the ones this endpoint parses."""
+    request = context.get("request")
+    view = context.get("view")
+    sent = getattr(request, "content_type", "") or _("none")
+    accepted = ", ".join(parser.media_type for parser in view.get_parsers()) if view is not None else ""
+    return _(
+        "Content type %(sent)s is not accepted here; send one of %(accepted)s. Files such as image go in a "
+        "multipart/form-data body (curl -F image=@photo.png)."
+    ) % {"sent": sent, "accepted": accepted}

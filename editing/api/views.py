@@ -9,7 +9,7 @@ from django.conf import settings
 from django.db import transaction
 from django.http import FileResponse
 from django.utils.translation import gettext as _
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
@@ -29,7 +29,7 @@ from editing.api.serializers import (
     WarmupRequestSerializer,
     WarmupSerializer,
 )
-from editing.models import ACTIVE_STATUSES, EditJob, Template
+from editing.models import ACTIVE_STATUSES, EditJob, JobStatus, Template
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,16 @@ class TokenView(ObtainAuthToken):
 
     throttle_classes = [TokenLoginThrottle]
     renderer_classes = [JSONRenderer]
+
+    def throttled(self, request: Request, wait: float | None) -> None:
+        seconds = math.ceil(wait or 1)
+        detail = _(
+            "Too many sign-in attempts from this address; the limit is %(rate)s. Try again in %(seconds)d s."
+        ) % {"rate": TOKEN_LOGIN_RATE, "seconds": seconds}
+        error = exceptions.Throttled(detail=detail)
+        # Set after construction, as for job submissions, so DRF does not append its own English sentence.
+        error.wait = seconds
+        raise error
 
 
 class JobSubmitThrottle(UserRateThrottle):
@@ -172,6 +182,33 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             return EditJob.objects.none()
         return EditJob.objects.filter(owner=self.request.user).select_related("template")
 
+    def filter_queryset(self, queryset):
+        """Apply the list filters `?status=` and `?template=`, rejecting values that match nothing by form."""
+        if self.action != "list":
+            return queryset
+        status_filter = self.request.query_params.get("status")
+        if status_filter is not None:
+            if status_filter not in JobStatus.values:
+                raise exceptions.ValidationError({"status": [_(
+                    "%(value)r is not a job status; use one of %(choices)s."
+                ) % {"value": status_filter, "choices": ", ".join(JobStatus.values)}]})
+            queryset = queryset.filter(status=status_filter)
+        template_filter = self.request.query_params.get("template")
+        if template_filter is not None:
+            if not template_filter.isdigit():
+                raise exceptions.ValidationError({"template": [_(
+                    "%(value)r is not a template id; use the number from GET /api/templates/."
+                ) % {"value": template_filter}]})
+            queryset = queryset.filter(template_id=int(template_filter))
+        return queryset
+
+    @extend_schema(parameters=[
+        OpenApiParameter("status", str, enum=JobStatus.values, description="Only jobs with this status."),
+        OpenApiParameter("template", int, description="Only jobs of this template."),
+    ])
+    def list(self, request: Request, *args, **kwargs) -> Response:
+        return super().list(request, *args, **kwargs)
+
     def get_throttles(self) -> list:
         return [JobSubmitThrottle()] if self.action == "create" else []
 
@@ -220,6 +257,10 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     @action(detail=True, methods=["get"], url_path="result", url_name="result")
     def result(self, request: Request, pk: str | None = None) -> FileResponse:
         job = self.get_object()
+        if not job.result and job.status == JobStatus.CANCELLED:
+            raise exceptions.NotFound(
+                _("Job %(id)s was cancelled, so it has no result; submit the edit again.") % {"id": job.pk}
+            )
         if not job.result and job.is_final:
             raise exceptions.NotFound(
                 _("Job %(id)s has no result because it ended with status %(status)s; see its error, or submit the "

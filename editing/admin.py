@@ -13,7 +13,7 @@ from django.template.defaultfilters import filesizeformat
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext as _
-from django.utils.translation import gettext_lazy
+from django.utils.translation import gettext_lazy, ngettext
 
 from editing import services, warmups
 from editing.models import ACTIVE_STATUSES, CacheOutcome, CacheWarmup, EditJob, Template
@@ -189,26 +189,48 @@ class TemplateAdmin(admin.ModelAdmin):
         for template in queryset:
             warmups.request_warmup(template, requested_by=request.user)
             count += 1
-        self.message_user(
-            request, _("Queued cache warm-ups for %(count)d templates.") % {"count": count}, messages.SUCCESS
+        message = ngettext(
+            "Queued a cache warm-up for %(count)d template.", "Queued cache warm-ups for %(count)d templates.", count
         )
+        self.message_user(request, message % {"count": count}, messages.SUCCESS)
 
     @admin.action(description=gettext_lazy("Drop the cache of the selected templates"))
     def drop_cache(self, request: HttpRequest, queryset: QuerySet[Template]) -> None:
         dropped = sum(warmups.drop_cache(template) for template in queryset)
-        self.message_user(
-            request, _("Dropped %(count)d cached warm-ups; workers discard them on next use.") % {"count": dropped},
-            messages.SUCCESS,
+        message = ngettext(
+            "Dropped %(count)d cached warm-up; workers discard it on next use.",
+            "Dropped %(count)d cached warm-ups; workers discard them on next use.",
+            dropped,
         )
+        self.message_user(request, message % {"count": dropped}, messages.SUCCESS)
+
+
+class CacheOutcomeFilter(admin.SimpleListFilter):
+    """Cache outcomes by their labels, plus jobs that have none because they never ran to the end."""
+
+    title = gettext_lazy("cache outcome")
+    parameter_name = "cache_outcome"
+    NONE = "none"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [*CacheOutcome.choices, (self.NONE, gettext_lazy("none (cancelled, failed or not finished)"))]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[EditJob]) -> QuerySet[EditJob]:
+        value = self.value()
+        if value == self.NONE:
+            return queryset.filter(cache_outcome="")
+        if value in CacheOutcome.values:
+            return queryset.filter(cache_outcome=value)
+        return queryset
 
 
 @admin.register(EditJob)
 class EditJobAdmin(admin.ModelAdmin):
     list_display = [
-        "id", "owner", "template", "model", "status", "progress_percent", "mask_ratio", "bucket",
+        "id", "owner", "template", "model", "status", "progress_percent", "mask_percent", "bucket",
         "cache_outcome_text", "timings_summary", "created_at",
     ]
-    list_filter = ["status", "model", "bucket", "template", "cache_outcome"]
+    list_filter = ["status", "model", "bucket", "template", CacheOutcomeFilter]
     list_select_related = ["owner", "template"]
     search_fields = ["id", "prompt"]
     date_hierarchy = "created_at"
@@ -257,6 +279,10 @@ class EditJobAdmin(admin.ModelAdmin):
     @admin.display(description=gettext_lazy("progress"), ordering="progress")
     def progress_percent(self, job: EditJob) -> str:
         return f"{job.progress * 100:.0f}%"
+
+    @admin.display(description=gettext_lazy("mask ratio"), ordering="mask_ratio")
+    def mask_percent(self, job: EditJob) -> str:
+        return f"{job.mask_ratio * 100:.1f}%"
 
     @admin.display(description=gettext_lazy("cache outcome"), ordering="cache_outcome")
     def cache_outcome_text(self, job: EditJob) -> str:

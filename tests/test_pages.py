@@ -323,3 +323,19 @@ def test_admin_cancel_action_cancels_queued_job(staff_client, coffee_job):
     assert "Jobs cancelled: 1 (running ones stop after their current step). Already finished: 0." in (
         response.content.decode()
     )
+
+
+def test_admin_job_list_mask_percent_and_outcome_filter(staff_client, coffee_job):
+    EditJob.objects.filter(pk=coffee_job.pk).update(mask_ratio=0.13157894736842105)
+    html = staff_client.get("/admin/editing/editjob/").content.decode()
+    assert '<td class="field-mask_percent">13.2%</td>' in html
+    assert "0.13157894736842105" not in html
+
+    none = staff_client.get("/admin/editing/editjob/?cache_outcome=none").content.decode()
+    assert str(coffee_job.pk) in none
+    assert "none (cancelled, failed or not finished)" in none
+    EditJob.objects.filter(pk=coffee_job.pk).update(cache_outcome="hit")
+    hits = staff_client.get("/admin/editing/editjob/?cache_outcome=hit").content.decode()
+    misses = staff_client.get("/admin/editing/editjob/?cache_outcome=miss_full").content.decode()
+    assert str(coffee_job.pk) in hits
+    assert str(coffee_job.pk) not in misses

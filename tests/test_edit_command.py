@@ -154,3 +154,16 @@ def test_edit_waits_through_broker_loss(demo_user, media_root, monkeypatch):
     assert stderr.getvalue().count("Lost the Redis broker") == 1
     assert "Connection refused" in stderr.getvalue()
     assert "succeeded: 100.0%" in stdout.getvalue()
+
+
+@pytest.mark.django_db
+def test_edit_rejects_unwritable_out(demo_user, mask_file, tmp_path):
+    from editing.models import EditJob
+
+    with pytest.raises(CommandError, match="is a folder; give a file path"):
+        call_command("edit", image=PHOTOS / "coffee.png", mask=mask_file, prompt="x", out=tmp_path)
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the folder should be")
+    with pytest.raises(CommandError, match="cannot create the folder"):
+        call_command("edit", image=PHOTOS / "coffee.png", mask=mask_file, prompt="x", out=blocked / "o.png")
+    assert EditJob.objects.count() == 0

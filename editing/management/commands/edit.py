@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class Command(BaseCommand):
         if model is None:
             raise CommandError(f"--model {options['model']!r} is not served; use one of {catalog.names()}.")
         image, mask = self.read_inputs(options["image"], options["mask"])
+        self.check_output_path(options["out"])
 
         if not celery_app.conf.broker_url:
             raise CommandError("No Redis broker is configured: start the stack with 'make run' or set REDIS_URL.")
@@ -82,9 +84,14 @@ class Command(BaseCommand):
         job = self.wait(job)
         if job.status != JobStatus.SUCCEEDED:
             raise CommandError(f"Job {job.pk} {job.status}: {job.error_text or 'no error message'}")
-        options["out"].parent.mkdir(parents=True, exist_ok=True)
         with job.result.open("rb") as handle:
-            options["out"].write_bytes(handle.read())
+            png = handle.read()
+        try:
+            options["out"].write_bytes(png)
+        except OSError as error:
+            raise CommandError(
+                f"Could not write {options['out']} ({error}); the result stays available at /api/jobs/{job.pk}/result/."
+            ) from None
         timings = " ".join(f"{phase}={ms:.0f}ms" for phase, ms in job.timings.items())
         self.stdout.write(self.style.SUCCESS(f"Wrote {options['out']} ({timings})"))
 
@@ -100,26 +107,45 @@ class Command(BaseCommand):
             raise CommandError(f"{error.field}: {error}") from None
         return image, mask
 
+    def check_output_path(self, out: Path) -> None:
+        """Reject an --out that cannot be written before the job is submitted; create its folder if missing."""
+        if out.is_dir():
+            raise CommandError(f"--out {out} is a folder; give a file path such as {out / 'edited.png'}.")
+        folder = out.parent
+        if not folder.is_dir():
+            try:
+                folder.mkdir(parents=True)
+            except OSError as error:
+                raise CommandError(f"--out {out}: cannot create the folder {folder} ({error}); choose a writable path.") from None
+            self.stdout.write(f"Created the folder {folder} for --out.")
+        if not os.access(folder, os.W_OK):
+            raise CommandError(f"--out {out}: the folder {folder} is not writable; choose a writable path.")
+
     def find_or_create_template(self, owner, name: str, image) -> Template:
         existing = Template.objects.filter(owner=owner, content_hash=services.content_hash(image)).first()
         return existing or services.create_template(owner=owner, name=name, image=image)
 
     def wait(self, job: EditJob) -> EditJob:
         last_line = ""
+        terminal = self.stdout.isatty()
         broker_lost = False
         next_worker_check = time.monotonic() + WORKER_CHECK_INTERVAL_S
         while True:
             job.refresh_from_db()
-            line = f"\r{job.status}: {job.progress * 100:5.1f}%"
+            line = f"{job.status}: {job.progress * 100:5.1f}%"
             if job.is_final:
                 # The last poll may have caught the final step before the result was stored.
-                self.stdout.write(line)
+                self.stdout.write(f"\r{line}" if terminal else line)
                 return job
             if job.status == JobStatus.QUEUED:
                 line += f" ({services.queue_position(job)} ahead)"
             if line != last_line:
-                self.stdout.write(line, ending="")
-                self.stdout.flush()
+                # A terminal shows one line that updates in place; a pipe or file gets one line per change.
+                if terminal:
+                    self.stdout.write(f"\r{line}", ending="")
+                    self.stdout.flush()
+                else:
+                    self.stdout.write(line)
                 last_line = line
             if time.monotonic() >= next_worker_check and not broker_lost:
                 next_worker_check = time.monotonic() + WORKER_CHECK_INTERVAL_S

@@ -91,11 +91,24 @@ def load_model(model_ref: str | None, *, var_dir: Path, family: str = "flux", na
         revision = _hub_revision(folder)
 
     logger.info("Loading %s model %s (revision %s) from %s on %s as %s", family, model_id, revision, folder, device, dtype)
+    quiet_loading_progress()
     pipe = adapter.load(folder, dtype=dtype, device=device)
     return LoadedModel(
         pipe=pipe, model_id=model_id, revision=revision, device=device, dtype=dtype, family=adapter,
         name=name or family,
     )
+
+
+def quiet_loading_progress() -> None:
+    """Turn off the loading progress bars of diffusers and transformers.
+
+    A Celery worker logs its stderr as warnings, so each bar would become several WARNING lines per load.
+    """
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def get_model(name: str | None = None) -> LoadedModel:

@@ -172,6 +172,9 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Separate request and response components, so upload fields are `format: binary` and Swagger UI offers
+    # a file picker for them.
+    "COMPONENT_SPLIT_REQUEST": True,
 }
 
 # --- Celery (Redis broker). The database, not Celery, is the source of truth for job state.

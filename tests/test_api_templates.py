@@ -127,9 +127,16 @@ def test_token_endpoint_gives_working_token(client, django_user_model, media_roo
 
 
 def test_openapi_schema_is_served(api_client_for):
-    response = api_client_for().get("/api/schema/")
+    response = api_client_for().get("/api/schema/", HTTP_ACCEPT="application/json")
     assert response.status_code == 200
-    assert b"/api/jobs/" in response.content
+    schema = response.json()
+    assert "/api/jobs/" in schema["paths"]
+    components = schema["components"]["schemas"]
+    # Upload fields are binary, so Swagger UI offers a file picker for them.
+    assert components["TemplateCreateRequest"]["properties"]["image"]["format"] == "binary"
+    assert components["JobCreateRequest"]["properties"]["mask"]["format"] == "binary"
+    assert components["JobCreateRequest"]["properties"]["template"]["type"] == "integer"
+    assert components["JobCreateRequest"]["properties"]["prompt"]["type"] == "string"
 
 
 def test_token_endpoint_is_throttled(client, django_user_model):

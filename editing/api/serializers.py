@@ -9,6 +9,7 @@ from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 from django.urls import reverse
 from django.utils.translation import gettext as _
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -231,8 +232,13 @@ class JobSerializer(serializers.ModelSerializer):
         return reverse("job-result", args=[job.pk])
 
 
+@extend_schema_field(OpenApiTypes.INT)
+class TemplateIdField(serializers.CharField):
+    """A template id, read as text so that a malformed id gets the job serializer's own message."""
+
+
 class JobCreateSerializer(serializers.Serializer):
-    template = serializers.CharField(help_text="Id of one of your templates.")
+    template = TemplateIdField(help_text="Id of one of your templates.")
     mask = serializers.FileField(
         help_text="Mask image of the template's size: white (or opaque) pixels are edited."
     )

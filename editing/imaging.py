@@ -130,9 +130,18 @@ def to_rgb8(image: Image.Image, *, field: str = "image") -> np.ndarray:
 
 
 def read_template(data: bytes | BinaryIO, *, max_pixels: int, max_bytes: int) -> np.ndarray:
-    """Decode a template upload into an upright (H, W, 3) uint8 array. Raises ImageRuleError."""
+    """Decode a template upload into an upright (H, W, 3) uint8 array. Raises ImageRuleError.
+
+    Transparent pixels (a cut-out product photo) are flattened onto white, as a browser shows them on a
+    white page, instead of showing whatever color they store.
+    """
     image = open_upright(data, field="image", max_pixels=max_pixels, max_bytes=max_bytes)
-    return to_rgb8(image, field="image")
+    rgb = to_rgb8(image, field="image")
+    alpha = _alpha_channel(image)
+    if alpha is None or int(alpha.min()) == 255:
+        return rgb
+    weight = alpha.astype(np.float32)[..., None] / 255.0
+    return np.rint(rgb * weight + 255.0 * (1.0 - weight)).astype(np.uint8)
 
 
 def read_mask(data: bytes | BinaryIO, *, size: tuple[int, int], max_pixels: int, max_bytes: int) -> np.ndarray:

@@ -120,15 +120,21 @@ def test_rgba_mask_uses_alpha_only() -> None:
     assert np.array_equal(mask, expected)
 
 
-def test_rgba_template_drops_alpha() -> None:
+def test_rgba_template_flattened_on_white() -> None:
     rgba = np.zeros((4, 5, 4), dtype=np.uint8)
-    rgba[..., 0] = 200
-    rgba[..., 3] = 0
+    rgba[..., :3] = (10, 200, 10)
+    rgba[0, :, 3] = 255
+    rgba[1, :, 3] = 100
+    # Rows 2 and 3 are fully transparent.
 
     rgb = read_template(_encode(Image.fromarray(rgba, mode="RGBA")), **LIMITS)
 
     assert rgb.shape == (4, 5, 3)
-    assert (rgb[..., 0] == 200).all()
+    assert (rgb[0] == (10, 200, 10)).all()
+    # 10 * 100/255 + 255 * 155/255 = 158.9; 200 * 100/255 + 155 = 233.4.
+    assert (rgb[1] == (159, 233, 159)).all()
+    assert (rgb[2:] == 255).all()
+
 
 
 def test_sixteen_bit_gray_png_is_scaled_not_clipped() -> None:
@@ -172,7 +178,8 @@ def test_palette_png_with_transparency() -> None:
     mask = read_mask(data, size=(6, 4), **LIMITS)
 
     assert rgb[1, 2].tolist() == [10, 200, 30]
-    assert rgb[0, 0].tolist() == [0, 0, 0]
+    # The transparent palette entry is flattened onto white.
+    assert rgb[0, 0].tolist() == [255, 255, 255]
     assert mask.sum() == 4
     assert mask[1:3, 2:4].all()
 

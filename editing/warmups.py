@@ -8,6 +8,7 @@ seed, steps and guidance, which most jobs use) and on demand through the API and
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
@@ -17,7 +18,7 @@ from django.utils import timezone
 from editing import catalog
 from editing.failures import Failure
 from editing.params import check_generation
-from editing.models import CacheWarmup, JobStatus, Template
+from editing.models import CacheWarmup, EditJob, JobStatus, Template
 from editing.routing import control_queue
 from editor_site.celery import app as celery_app
 
@@ -65,16 +66,31 @@ def cache_variant(spec: catalog.ModelSpec) -> str:
     return settings.EDITOR_CACHE_VARIANT if settings.EDITOR_CACHE_VARIANT in variants else variants[0]
 
 
-def enqueue_warmup(warmup: CacheWarmup, queue: str | None = None) -> None:
-    """Send the warm-up to its model's control queue (or `queue`); a broker failure leaves it queued."""
+def enqueue_warmup(warmup: CacheWarmup, queue: str | None = None, countdown: float | None = None) -> None:
+    """Send the warm-up to its model's control queue (or `queue`); a broker failure leaves it queued.
+
+    With `countdown` the worker that receives the message holds it for that many seconds before running it.
+    """
     queue = queue or control_queue(warmup.model or catalog.default_model().name)
     if not celery_app.conf.broker_url:
         logger.error("no broker is configured (set REDIS_URL); warm-up %s stays queued", warmup.pk)
         return
     try:
-        celery_app.send_task(RUN_WARMUP_TASK, args=[warmup.pk], queue=queue)
+        celery_app.send_task(RUN_WARMUP_TASK, args=[warmup.pk], queue=queue, countdown=countdown)
     except Exception:  # noqa: BLE001 - any broker error; the row stays queued
         logger.exception("could not enqueue warm-up %s", warmup.pk)
+
+
+def queued_jobs_to_yield_to(warmup: CacheWarmup) -> int:
+    """Count the queued edit jobs of the warm-up's model that it should let run first.
+
+    A warm-up only speeds up later jobs, so it waits while edit jobs are queued, up to
+    EDITOR_WARMUP_MAX_DEFER_S after it was requested; after that it runs, so a busy service still warms.
+    """
+    if timezone.now() - warmup.created_at > timedelta(seconds=settings.EDITOR_WARMUP_MAX_DEFER_S):
+        return 0
+    model = warmup.model or catalog.default_model().name
+    return EditJob.objects.filter(status=JobStatus.QUEUED, model=model).count()
 
 
 def claim(warmup_id: int, *, worker: str) -> bool:

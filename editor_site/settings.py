@@ -275,6 +275,10 @@ EDITOR_STALE_RUNNING_S = env_int("EDITOR_STALE_RUNNING_S", 600, minimum=10)
 # The reconciler re-sends the message of a job or warm-up queued for longer than this without a
 # message in the broker. A Redis key with this expiry limits re-sends to one per interval.
 EDITOR_REQUEUE_AFTER_S = env_int("EDITOR_REQUEUE_AFTER_S", 60, minimum=1)
+# A warm-up that arrives while edit jobs of its model are queued goes back to its queue for this many
+# seconds, so the jobs run first, until it has waited EDITOR_WARMUP_MAX_DEFER_S since it was requested.
+EDITOR_WARMUP_DEFER_S = env_int("EDITOR_WARMUP_DEFER_S", 10, minimum=1)
+EDITOR_WARMUP_MAX_DEFER_S = env_int("EDITOR_WARMUP_MAX_DEFER_S", 600, minimum=0)
 
 LOGGING = {
     "version": 1,

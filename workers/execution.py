@@ -441,6 +441,14 @@ def execute_warmup(warmup_id: int, *, worker: str) -> None:
     if warmup is None or warmup.status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
         logger.info("warm-up %s is gone or finished; skipping", warmup_id)
         return
+    waiting = warmups.queued_jobs_to_yield_to(warmup) if warmup.status == JobStatus.QUEUED else 0
+    if waiting:
+        logger.info(
+            "warm-up %s of template %s yields to %d queued edit jobs; sent back for %d s",
+            warmup.pk, warmup.template_id, waiting, settings.EDITOR_WARMUP_DEFER_S,
+        )
+        warmups.enqueue_warmup(warmup, countdown=settings.EDITOR_WARMUP_DEFER_S)
+        return
     if not warmups.claim(warmup.pk, worker=worker):
         return
     try:

@@ -25,6 +25,14 @@ CODE_TOO_LARGE = "too_large"
 CODE_TRUNCATED = "truncated"
 CODE_MASK_SIZE_MISMATCH = "mask_size_mismatch"
 CODE_EMPTY_MASK = "empty_mask"
+CODE_BAD_SHAPE = "bad_shape"
+
+# Longer side over shorter side. A 1x100000 strip fits the pixel limit but is no photo or banner, and
+# at the working size it degenerates to a one-pixel-wide column.
+MAX_ASPECT_RATIO = 16
+# The shorter side of a template: 64 pixels are four latent tokens of 16 pixels, about the least that a
+# mask can be painted on and an edit can change.
+MIN_TEMPLATE_SIDE = 64
 
 # A mask pixel is selected when its strength is at least half of full scale: 128 of 255.
 MASK_THRESHOLD_8BIT = 128
@@ -142,6 +150,28 @@ def read_template(data: bytes | BinaryIO, *, max_pixels: int, max_bytes: int) ->
         return rgb
     weight = alpha.astype(np.float32)[..., None] / 255.0
     return np.rint(rgb * weight + 255.0 * (1.0 - weight)).astype(np.uint8)
+
+
+def check_template_shape(width: int, height: int) -> None:
+    """Raise ImageRuleError for a template too small to edit or too elongated for a photo or banner."""
+    if min(width, height) < MIN_TEMPLATE_SIDE:
+        raise ImageRuleError(
+            "image",
+            CODE_BAD_SHAPE,
+            _(
+                "The image is %(width)dx%(height)d pixels; its shorter side must be at least %(minimum)d pixels. "
+                "Upload a larger image."
+            ) % {"width": width, "height": height, "minimum": MIN_TEMPLATE_SIDE},
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageRuleError(
+            "image",
+            CODE_BAD_SHAPE,
+            _(
+                "The image is %(width)dx%(height)d pixels; its longer side may be at most %(ratio)d times "
+                "its shorter side. Crop it to a less elongated shape."
+            ) % {"width": width, "height": height, "ratio": MAX_ASPECT_RATIO},
+        )
 
 
 def read_mask(data: bytes | BinaryIO, *, size: tuple[int, int], max_pixels: int, max_bytes: int) -> np.ndarray:
@@ -387,12 +417,26 @@ def _read_limited(data: bytes | bytearray | memoryview | BinaryIO, *, field: str
             field,
             CODE_TOO_LARGE,
             _(
-                "The %(field)s file is larger than the limit of %(limit)d bytes. Upload a smaller or more "
-                "compressed file."
+                "The %(field)s file is larger than the limit of %(limit)s (%(limit_bytes)d bytes). Upload a "
+                "smaller or more compressed file."
             )
-            % {"field": _field_label(field), "limit": max_bytes},
+            % {"field": _field_label(field), "limit": megabytes(max_bytes), "limit_bytes": max_bytes},
         )
     return payload
+
+
+def megabytes(size: int) -> str:
+    """Format a byte count as megabytes with one decimal, as the upload form's help text states the limit."""
+    return f"{size / 2**20:.1f} MB"
+
+
+def downscaled_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """Return the largest size with the same aspect ratio and at most `max_pixels` pixels."""
+    scale = math.sqrt(max_pixels / (width * height))
+    new_width, new_height = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+    while new_width * new_height > max_pixels:
+        new_width, new_height = new_width - 1, max(1, new_height - 1)
+    return new_width, new_height
 
 
 def _too_many_pixels(field: str, size: tuple[int, int] | None, limit: int) -> ImageRuleError:
@@ -401,10 +445,14 @@ def _too_many_pixels(field: str, size: tuple[int, int] | None, limit: int) -> Im
             "The %(field)s has more than %(limit)d pixels. Downscale it to at most %(limit)d pixels and upload it again."
         ) % {"field": _field_label(field), "limit": limit}
     else:
+        target = downscaled_size(size[0], size[1], limit)
         message = _(
             "The %(field)s is %(width)dx%(height)d = %(pixels)d pixels, above the limit of %(limit)d pixels. "
-            "Downscale it and upload it again."
-        ) % {"field": _field_label(field), "width": size[0], "height": size[1], "pixels": size[0] * size[1], "limit": limit}
+            "Downscale it, for example to %(target_width)dx%(target_height)d, and upload it again."
+        ) % {
+            "field": _field_label(field), "width": size[0], "height": size[1], "pixels": size[0] * size[1],
+            "limit": limit, "target_width": target[0], "target_height": target[1],
+        }
     return ImageRuleError(field, CODE_TOO_LARGE, message)
 
 

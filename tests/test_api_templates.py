@@ -73,7 +73,20 @@ def test_rejects_file_over_byte_limit(api_client_for, media_root, settings):
     settings.EDITOR_MAX_UPLOAD_BYTES = 2000
     response = upload(api_client_for(), (PHOTOS / "coffee.png").read_bytes())
     assert response.status_code == 400
-    assert "2000" in response.json()["image"][0]
+    message = response.json()["image"][0]
+    assert "over the limit of 0.0 MB (2000 bytes)" in message
+    assert f"({len((PHOTOS / 'coffee.png').read_bytes())} bytes)" in message
+
+
+def test_pixel_limit_message_suggests_size(api_client_for, media_root, settings):
+    settings.EDITOR_MAX_PIXELS = 100 * 100
+    response = upload(api_client_for(), png_bytes(np.zeros((150, 300, 3), dtype=np.uint8)))
+
+    assert response.status_code == 400
+    assert response.json()["image"] == [
+        "The image is 300x150 = 45000 pixels, above the limit of 10000 pixels. Downscale it, for example to "
+        "141x70, and upload it again."
+    ]
 
 
 def test_rejected_upload_writes_nothing(api_client_for, media_root):

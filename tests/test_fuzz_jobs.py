@@ -15,7 +15,7 @@ from tests.conftest import png_bytes
 
 pytestmark = pytest.mark.django_db
 
-SIZE = 32
+SIZE = 64
 VALID_MASK = png_bytes(np.full((SIZE, SIZE), 255, dtype=np.uint8))
 
 # Text that reaches the parsers: numbers in many spellings, control and non-ASCII characters.

@@ -18,10 +18,6 @@ from editing.api.fields import BoundedFloatField, BoundedIntegerField, echo
 from editing.models import CacheWarmup, EditJob, Template
 from editing.params import MAX_GUIDANCE, MAX_SEED
 
-# Longer side over shorter side. A 1x100000 strip fits the pixel limit but is no photo or banner, and
-# at the working size it degenerates to a one-pixel-wide column.
-MAX_ASPECT_RATIO = 16
-
 ERROR_HELP = "Why it failed, in the request's language (Accept-Language); empty unless the status is failed."
 
 
@@ -31,8 +27,13 @@ def read_upload(upload: UploadedFile, *, field: str) -> bytes:
     if upload.size is not None and upload.size > limit:
         raise serializers.ValidationError(
             {
-                field: _("The file is %(size)d bytes, over the limit of %(limit)d bytes; upload a smaller file.")
-                % {"size": upload.size, "limit": limit}
+                field: _(
+                    "The file is %(size)s (%(size_bytes)d bytes), over the limit of %(limit)s (%(limit_bytes)d "
+                    "bytes); upload a smaller file."
+                ) % {
+                    "size": imaging.megabytes(upload.size), "size_bytes": upload.size,
+                    "limit": imaging.megabytes(limit), "limit_bytes": limit,
+                }
             }
         )
     return upload.read()
@@ -44,19 +45,10 @@ def decode_template(upload: UploadedFile) -> np.ndarray:
         pixels = imaging.read_template(
             data, max_pixels=settings.EDITOR_MAX_PIXELS, max_bytes=settings.EDITOR_MAX_UPLOAD_BYTES
         )
+        height, width = pixels.shape[:2]
+        imaging.check_template_shape(width, height)
     except imaging.ImageRuleError as error:
         raise serializers.ValidationError({"image": str(error)}) from None
-    height, width = pixels.shape[:2]
-    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        raise serializers.ValidationError(
-            {
-                "image": _(
-                    "The image is %(width)dx%(height)d pixels; its longer side may be at most %(ratio)d times "
-                    "its shorter side. Crop it to a less elongated shape."
-                )
-                % {"width": width, "height": height, "ratio": MAX_ASPECT_RATIO}
-            }
-        )
     return pixels
 
 

@@ -102,6 +102,7 @@ class Command(BaseCommand):
         limits = {"max_pixels": settings.EDITOR_MAX_PIXELS, "max_bytes": settings.EDITOR_MAX_UPLOAD_BYTES}
         try:
             image = imaging.read_template(image_path.read_bytes(), **limits)
+            imaging.check_template_shape(image.shape[1], image.shape[0])
             mask = imaging.read_mask(mask_path.read_bytes(), size=(image.shape[1], image.shape[0]), **limits)
         except imaging.ImageRuleError as error:
             raise CommandError(f"{error.field}: {error}") from None

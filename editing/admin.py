@@ -161,7 +161,7 @@ class TemplateAdmin(admin.ModelAdmin):
             self.image_url(template), template.name, width=template.width, height=template.height, box_px=THUMBNAIL_DETAIL_PX
         )
 
-    @admin.display(description=gettext_lazy("size (px)"), ordering="width")
+    @admin.display(description=gettext_lazy("size in pixels"), ordering="width")
     def size(self, template: Template) -> str:
         return f"{template.width} × {template.height}"
 
@@ -176,7 +176,7 @@ class TemplateAdmin(admin.ModelAdmin):
             return _("dropped")
         parts = [latest.get_status_display()]
         if latest.cache_tier:
-            parts.append(latest.cache_tier)
+            parts.append(latest.get_cache_tier_display())
         if latest.cache_bytes:
             parts.append(filesizeformat(latest.cache_bytes))
         if latest.variant:

@@ -71,6 +71,17 @@ ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
 FINAL_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+class CacheVariant(models.TextChoices):
+    KV = "kv", _("attention keys and values")
+    HIDDEN = "hidden", _("hidden states")
+
+
+class CacheTier(models.TextChoices):
+    MEMORY = "memory", _("memory")
+    DISK = "disk", _("disk")
+    NONE = "none", _("not stored")
+
+
 class EditJob(models.Model):
     id = models.UUIDField("ID", primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(
@@ -98,7 +109,7 @@ class EditJob(models.Model):
 
     # How the activation cache of the template served this job (see CacheOutcome).
     cache_outcome = models.CharField(_("cache outcome"), max_length=24, blank=True)
-    cache_variant = models.CharField(_("cache variant"), max_length=8, blank=True)
+    cache_variant = models.CharField(_("cache variant"), max_length=8, blank=True, choices=CacheVariant.choices)
     cache_key = models.CharField(_("cache key"), max_length=64, blank=True)
     # Transformer FLOPs this job computed, as a fraction of a full recompute (1.0 without the cache).
     flop_fraction = models.FloatField(_("FLOP fraction"), null=True, blank=True)
@@ -124,7 +135,7 @@ class EditJob(models.Model):
         indexes = [models.Index(fields=["queue_name", "status", "created_at"])]
 
     def __str__(self) -> str:
-        return f"job {self.id} ({self.status})"
+        return _("job %(id)s (%(status)s)") % {"id": self.id, "status": self.get_status_display()}
 
     @property
     def is_final(self) -> bool:
@@ -162,7 +173,7 @@ class CacheWarmup(models.Model):
     seed = models.BigIntegerField(_("seed"))
     steps = models.PositiveIntegerField(_("steps"))
     guidance = models.FloatField(_("guidance"))
-    variant = models.CharField(_("cache variant"), max_length=8)
+    variant = models.CharField(_("cache variant"), max_length=8, choices=CacheVariant.choices)
     # Name of the model (an EDITOR_MODELS entry) whose activations this warm-up records.
     model = models.CharField(_("model"), max_length=32, blank=True, default="")
 
@@ -172,7 +183,7 @@ class CacheWarmup(models.Model):
     progress = models.FloatField(_("progress"), default=0.0)
     cache_key = models.CharField(_("cache key"), max_length=64, blank=True, db_index=True)
     cache_bytes = models.BigIntegerField(_("cache size (bytes)"), null=True, blank=True)
-    cache_tier = models.CharField(_("cache tier"), max_length=8, blank=True)
+    cache_tier = models.CharField(_("cache tier"), max_length=8, blank=True, choices=CacheTier.choices)
     worker = models.CharField(_("worker"), max_length=200, blank=True)
     timings = models.JSONField(_("timings (ms)"), default=dict, blank=True)
     error = models.TextField(_("error"), blank=True)
@@ -193,7 +204,9 @@ class CacheWarmup(models.Model):
         verbose_name_plural = _("cache warm-ups")
 
     def __str__(self) -> str:
-        return f"warm-up {self.pk} of template {self.template_id} ({self.status})"
+        return _("warm-up %(id)s of template %(template)s (%(status)s)") % {
+            "id": self.pk, "template": self.template_id, "status": self.get_status_display(),
+        }
 
     @property
     def error_text(self) -> str:

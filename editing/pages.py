@@ -22,7 +22,7 @@ from django.utils.translation import gettext_lazy
 
 from editing import catalog
 from editing.api.serializers import JobSerializer
-from editing.models import CacheOutcome, EditJob, JobStatus
+from editing.models import CacheOutcome, CacheVariant, EditJob, JobStatus
 from editing.warmups import DEFAULT_GUIDANCE
 
 logger = logging.getLogger(__name__)
@@ -160,10 +160,7 @@ def cache_labels() -> dict[str, str]:
     return {name: capfirst(label) for name, label in labels.items()}
 
 
-CACHE_VARIANT_LABELS = {
-    "kv": gettext_lazy("attention keys and values"),
-    "hidden": gettext_lazy("hidden states"),
-}
+CACHE_VARIANT_LABELS = dict(CacheVariant.choices)
 
 
 def cache_variant_label(variant: str) -> str:

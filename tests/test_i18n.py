@@ -32,6 +32,7 @@ class PoEntry:
     msgid_plural: str | None
     msgstrs: list[str]
     fuzzy: bool
+    context: str | None = None
 
 
 def parse_po(text: str) -> list[PoEntry]:
@@ -55,7 +56,7 @@ def parse_po(text: str) -> list[PoEntry]:
         if "msgid" not in fields:
             continue
         msgstrs = [value for key, value in sorted(fields.items()) if key.startswith("msgstr")]
-        entries.append(PoEntry(fields["msgid"], fields.get("msgid_plural"), msgstrs, fuzzy))
+        entries.append(PoEntry(fields["msgid"], fields.get("msgid_plural"), msgstrs, fuzzy, fields.get("msgctxt")))
     return entries
 
 
@@ -93,7 +94,9 @@ def test_mo_matches_po(po_entries):
     with MO_PATH.open("rb") as handle:
         catalog = gettext.GNUTranslations(handle)
     for entry in po_entries:
-        if entry.msgid_plural is None:
+        if entry.context is not None:
+            assert catalog.pgettext(entry.context, entry.msgid) == entry.msgstrs[0], entry.msgid
+        elif entry.msgid_plural is None:
             assert catalog.gettext(entry.msgid) == entry.msgstrs[0], entry.msgid
         else:
             assert catalog.ngettext(entry.msgid, entry.msgid_plural, 2) == entry.msgstrs[0], entry.msgid
@@ -170,7 +173,7 @@ def test_api_range_error_in_japanese(alice_client, media_root, settings):
         {"template": template["id"], "mask": SimpleUploadedFile("mask.png", b""), "prompt": "カップ", "steps": "1000"},
     )
     assert response.status_code == 400
-    assert response.json()["steps"] == ["steps は 1 から 100 の範囲で指定してください。受け取った値: 1000"]
+    assert response.json()["steps"] == ["ステップ数（steps）は 1 から 100 の範囲で指定してください。受け取った値: 1000"]
 
 
 @pytest.mark.django_db

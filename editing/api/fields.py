@@ -5,9 +5,29 @@ from __future__ import annotations
 import math
 
 from django.utils.translation import gettext as _
+from django.utils.translation import pgettext_lazy
 from rest_framework import serializers
 
 MAX_ECHO_CHARS = 40
+
+# Request fields as error messages name them: the field itself in English, and in Japanese the on-screen
+# label with the field in parentheses, so both web page users and API clients recognize it.
+FIELD_LABELS = {
+    "seed": pgettext_lazy("request field in messages", "seed"),
+    "steps": pgettext_lazy("request field in messages", "steps"),
+    "guidance": pgettext_lazy("request field in messages", "guidance"),
+    "image": pgettext_lazy("request field in messages", "image"),
+    "mask": pgettext_lazy("request field in messages", "mask"),
+    "prompt": pgettext_lazy("request field in messages", "prompt"),
+    "template": pgettext_lazy("request field in messages", "template"),
+    "name": pgettext_lazy("request field in messages", "name"),
+    "model": pgettext_lazy("request field in messages", "model"),
+}
+
+
+def field_label(field: str) -> str:
+    """Return how error messages name the request field `field` in the active language."""
+    return str(FIELD_LABELS.get(field, field))
 
 
 def echo(value: object) -> str:
@@ -30,12 +50,12 @@ class BoundedIntegerField(serializers.IntegerField):
         except ValueError:
             raise serializers.ValidationError(
                 _("%(field)s must be a whole number such as %(example)d; got '%(value)s'.")
-                % {"field": self.field_name, "example": self.example, "value": echo(data)}
+                % {"field": field_label(self.field_name), "example": self.example, "value": echo(data)}
             ) from None
         if not self.minimum <= value <= self.maximum:
             raise serializers.ValidationError(
                 _("%(field)s must be between %(min)d and %(max)d; got %(value)s.")
-                % {"field": self.field_name, "min": self.minimum, "max": self.maximum, "value": echo(value)}
+                % {"field": field_label(self.field_name), "min": self.minimum, "max": self.maximum, "value": echo(value)}
             )
         return value
 
@@ -55,11 +75,11 @@ class BoundedFloatField(serializers.FloatField):
         if not math.isfinite(value):
             raise serializers.ValidationError(
                 _("%(field)s must be a number such as %(example)s; got '%(value)s'.")
-                % {"field": self.field_name, "example": self.example, "value": echo(data)}
+                % {"field": field_label(self.field_name), "example": self.example, "value": echo(data)}
             )
         if not self.minimum <= value <= self.maximum:
             raise serializers.ValidationError(
                 _("%(field)s must be between %(min)s and %(max)s; got %(value)s.")
-                % {"field": self.field_name, "min": self.minimum, "max": self.maximum, "value": echo(value)}
+                % {"field": field_label(self.field_name), "min": self.minimum, "max": self.maximum, "value": echo(value)}
             )
         return value

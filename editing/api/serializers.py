@@ -14,7 +14,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from editing import catalog, fleet, imaging, services
-from editing.api.fields import BoundedFloatField, BoundedIntegerField, echo
+from editing.api.fields import BoundedFloatField, BoundedIntegerField, echo, field_label
 from editing.models import CacheWarmup, EditJob, Template
 from editing.params import MAX_GUIDANCE, MAX_SEED
 
@@ -145,7 +145,7 @@ def reject_nul_characters(field: str):
         if "\x00" in value:
             raise serializers.ValidationError(
                 _("%(field)s contains a NUL character (code 0) at character %(index)d; remove it.")
-                % {"field": field, "index": value.index("\x00") + 1}
+                % {"field": field_label(field), "index": value.index("\x00") + 1}
             )
 
     return validate
@@ -154,7 +154,7 @@ def reject_nul_characters(field: str):
 def file_field_messages(field: str, content: str) -> dict[str, str]:
     """Return DRF FileField error messages that name `field`, describe its `content` and how to send it."""
     send_hint = _("send it as a file in a multipart/form-data request")
-    parts = {"field": field, "what": content, "how": send_hint}
+    parts = {"field": field_label(field), "what": content, "how": send_hint}
     return {
         "required": _("%(field)s is required: %(what)s; %(how)s.") % parts,
         "invalid": _("%(field)s must be a file: %(what)s; %(how)s.") % parts,

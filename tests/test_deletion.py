@@ -108,3 +108,26 @@ def test_admin_deletes_finished_template(template, admin_user, django_capture_on
     assert response.status_code == 302
     assert not Template.objects.filter(pk=template.pk).exists()
     assert [path for path in paths if path_exists(path)] == []
+
+
+def test_api_deletes_finished_job_only(template, api_client_for, django_capture_on_commit_callbacks):
+    finished = make_job(template, JobStatus.SUCCEEDED)
+    running = make_job(template, JobStatus.RUNNING)
+    paths = [finished.mask.path, finished.result.path]
+    owner = api_client_for("bob")
+    owner.force_authenticate(template.owner)
+    stranger = api_client_for("carol")
+
+    refused = owner.delete(f"/api/jobs/{running.pk}/")
+    hidden = stranger.delete(f"/api/jobs/{finished.pk}/")
+    with django_capture_on_commit_callbacks(execute=True):
+        deleted = owner.delete(f"/api/jobs/{finished.pk}/")
+
+    assert refused.status_code == 409
+    assert refused.json()["detail"] == (
+        f"Job {running.pk} is running; cancel it first (POST /api/jobs/{running.pk}/cancel/), then delete it."
+    )
+    assert hidden.status_code == 404
+    assert deleted.status_code == 204
+    assert list(EditJob.objects.values_list("pk", flat=True)) == [running.pk]
+    assert [path for path in paths if path_exists(path)] == []

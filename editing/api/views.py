@@ -173,7 +173,7 @@ class ModelViewSet(viewsets.ViewSet):
         return Response(ModelInfoSerializer(rows, many=True).data)
 
 
-class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
     serializer_class = JobSerializer
     parser_classes = [MultiPartParser, FormParser, JSONParser]
 
@@ -238,6 +238,20 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             model=data.get("model") or None,
         )
         return Response(JobSerializer(job).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(responses={204: None, 409: OpenApiResponse(description="The job is queued or running")})
+    def destroy(self, request: Request, pk: str | None = None) -> Response:
+        """Delete a finished job with its mask and result."""
+        job = self.get_object()
+        with transaction.atomic():
+            if EditJob.objects.filter(pk=job.pk, status__in=ACTIVE_STATUSES).exists():
+                return Response(
+                    {"detail": _("Job %(id)s is %(status)s; cancel it first (POST /api/jobs/%(id)s/cancel/), then "
+                                 "delete it.") % {"id": job.pk, "status": job.status}},
+                    status=status.HTTP_409_CONFLICT,
+                )
+            job.delete()
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
     @extend_schema(request=None, responses={200: JobSerializer, 409: OpenApiResponse(description="Already finished")})
     @action(detail=True, methods=["post"], url_path="cancel", url_name="cancel")

@@ -67,7 +67,7 @@ def timings_summary(timings: dict | None) -> str:
 
 @admin.display(description=gettext_lazy("error"))
 def error_reason(row: EditJob | CacheWarmup) -> str:
-    """Why the job or warm-up failed, in the admin user's language."""
+    """Return why the job or warm-up failed, in the admin user's language."""
     return row.error_text
 
 

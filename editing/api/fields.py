@@ -55,7 +55,10 @@ class BoundedIntegerField(serializers.IntegerField):
         if not self.minimum <= value <= self.maximum:
             raise serializers.ValidationError(
                 _("%(field)s must be between %(min)d and %(max)d; got %(value)s.")
-                % {"field": field_label(self.field_name), "min": self.minimum, "max": self.maximum, "value": echo(value)}
+                % {
+                    "field": field_label(self.field_name), "min": self.minimum, "max": self.maximum,
+                    "value": echo(value),
+                }
             )
         return value
 
@@ -80,6 +83,9 @@ class BoundedFloatField(serializers.FloatField):
         if not self.minimum <= value <= self.maximum:
             raise serializers.ValidationError(
                 _("%(field)s must be between %(min)s and %(max)s; got %(value)s.")
-                % {"field": field_label(self.field_name), "min": self.minimum, "max": self.maximum, "value": echo(value)}
+                % {
+                    "field": field_label(self.field_name), "min": self.minimum, "max": self.maximum,
+                    "value": echo(value),
+                }
             )
         return value

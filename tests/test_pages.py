@@ -174,6 +174,15 @@ def test_history_lists_own_jobs_with_timings_and_cache(alice_client, coffee_job,
     assert html.index("load: 120 ms") < html.index("denoise: 3.5 s") < html.index("gpu_sync: 9 ms")
 
 
+def test_history_hides_internal_queue_name(alice_client, coffee_job):
+    html = alice_client.get("/history/").content.decode()
+
+    assert coffee_job.bucket
+    assert f"<dd>{coffee_job.bucket}</dd>" not in html
+    assert ">Queue<" not in html
+    assert "share of latent tokens touched" in html
+
+
 def test_history_empty(alice_client):
     response = alice_client.get("/history/")
     assert response.status_code == 200

@@ -436,7 +436,7 @@ def test_mask_tools(browser, live_server, alice, no_warmups, media_root):
 
 
 def test_time_left_estimate(browser, live_server, alice):
-    """The estimate extrapolates the progress rate seen since the first running poll."""
+    """The estimate waits for two step reports, so model loading before the first step does not skew it."""
     page, errors = new_page(browser, ENGLISH)
     log_in(page, live_server.url, "alice", "pw-alice")
     estimates = page.evaluate(
@@ -444,18 +444,27 @@ def test_time_left_estimate(browser, live_server, alice):
             const { TimeLeftEstimator } = await import("/static/editing/js/job_monitor.js");
             let now = 0;
             const estimator = new TimeLeftEstimator(() => now);
-            const first = estimator.update(0.1);
-            now = 2000;
-            const stalled = estimator.update(0.1);
-            now = 4000;
-            const moving = estimator.update(0.3);
-            return [first, stalled, moving];
+            const sample = (time, progress) => { now = time; return estimator.update(progress); };
+            return [
+                sample(0, 0),          // running, loading the model
+                sample(5000, 0),       // still loading
+                sample(20000, 0.05),   // first step report, after 20 s of loading
+                sample(20250, 0.05),   // no new step yet
+                sample(20500, 0.10),   // second step report: 0.05 in 0.5 s
+                sample(21000, 0.20),
+                sample(21500, 0.10),   // a restarted attempt
+                sample(22000, 0.20),
+                sample(22500, 0.30),
+            ];
         }"""
     )
-    assert estimates[0] is None
-    assert estimates[1] is None
-    # 0.2 of the job in 4 s leaves 0.7 at 20 s per unit: 14 s.
-    assert estimates[2] == pytest.approx(14.0)
+    assert estimates[:4] == [None, None, None, None]
+    # 0.05 of the job in 0.5 s leaves 0.9 at 10 s per unit: 9 s.
+    assert estimates[4] == pytest.approx(9.0)
+    # 0.15 since the first report in 1 s leaves 0.8: 5.33 s.
+    assert estimates[5] == pytest.approx(0.8 / 0.15)
+    assert estimates[6:8] == [None, None]
+    assert estimates[8] == pytest.approx(0.7 * 0.5 / 0.1)
     assert errors == []
 
 

@@ -7,26 +7,42 @@ const MAX_BACKOFF_MS = 5000;
 const FINAL_STATUSES = new Set(["succeeded", "failed", "cancelled"]);
 
 /**
- * Estimate of the seconds left, from the progress rate since the job's first observed progress.
+ * Estimate of the seconds left, from the progress rate between observed step reports.
  *
- * The rate is measured from the first poll that saw the job running. Time spent loading the model
- * before the first step therefore counts toward the rate, and the estimate falls as steps go by.
+ * The rate is measured from the first poll that saw the progress change. Time spent loading the model
+ * before the first step therefore does not skew it, nor does a job already part done when the page
+ * opened. An estimate needs a second change after that one, which gives a rate over at least one step.
  */
 export class TimeLeftEstimator {
   constructor(now = () => performance.now()) {
     this.now = now;
-    this.start = null; // {time: ms, progress: 0..1}
+    this.last = null; // progress of the previous sample, 0..1
+    this.anchor = null; // {time: ms, progress: 0..1} of the first observed step report
+    this.reports = 0; // progress changes observed since the anchor
   }
 
   /** Record a progress sample; returns seconds left, or null while no rate is known yet. */
   update(progress) {
     const time = this.now();
-    if (this.start === null) {
-      this.start = { time, progress };
+    const previous = this.last;
+    this.last = progress;
+    if (previous === null) return null;
+    if (progress < previous) {
+      // A restarted attempt begins again at step 0, at its own rate.
+      this.anchor = null;
+      this.reports = 0;
       return null;
     }
-    const elapsedSeconds = (time - this.start.time) / 1000;
-    const done = progress - this.start.progress;
+    if (progress > previous) {
+      if (this.anchor === null) {
+        this.anchor = { time, progress };
+        return null;
+      }
+      this.reports += 1;
+    }
+    if (this.anchor === null || this.reports < 1) return null;
+    const elapsedSeconds = (time - this.anchor.time) / 1000;
+    const done = progress - this.anchor.progress;
     if (done <= 0 || elapsedSeconds <= 0) return null;
     return ((1 - progress) * elapsedSeconds) / done;
   }

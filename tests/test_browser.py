@@ -405,7 +405,7 @@ def test_mask_tools(browser, live_server, alice, no_warmups, media_root):
     page.focus("#stage-scroller")
     page.keyboard.press("r")
     assert page.is_checked("input[name=mask-tool][value=rectangle]")
-    page.click("#zoom-fit")
+    page.click("#zoom-actual")
     page.click("#zoom-out")
     page.click("#zoom-out")
     zoomed_out = page.inner_text("#zoom-level")

@@ -140,6 +140,8 @@ export class MaskCanvas {
     this.zoom = Math.min(ZOOM_STEPS[ZOOM_STEPS.length - 1], Math.max(ZOOM_STEPS[0], zoom));
     this.stage.style.width = `${Math.round(this.width * this.zoom)}px`;
     this.stage.style.height = `${Math.round(this.height * this.zoom)}px`;
+    // From 200% on, image pixels are drawn as sharp squares, so the mask's pixels stay visible.
+    this.stage.classList.toggle("enlarged", this.zoom >= 2);
     this.updateCursorSize();
     this.onChange();
   }
@@ -154,11 +156,11 @@ export class MaskCanvas {
     this.setZoom(previous ?? this.zoom);
   }
 
-  /** Fit the whole image into the visible area, never enlarging it beyond 100%. */
+  /** Fit the whole image into the visible area, enlarging a small image up to the maximum zoom. */
   zoomToFit() {
     const availableWidth = Math.max(50, this.scroller.clientWidth - 4);
     const availableHeight = Math.max(50, window.innerHeight * 0.7);
-    this.setZoom(Math.min(1, availableWidth / this.width, availableHeight / this.height));
+    this.setZoom(Math.min(availableWidth / this.width, availableHeight / this.height));
   }
 
   // --- Reading the mask.

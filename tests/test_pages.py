@@ -183,6 +183,18 @@ def test_history_hides_internal_queue_name(alice_client, coffee_job):
     assert "share of latent tokens touched" in html
 
 
+def test_editor_messages_for_session_and_lost_job(alice_client):
+    html = alice_client.get("/").content.decode()
+    messages = script_json(html, "editor-messages")
+
+    assert 'data-login-url="/accounts/login/"' in html
+    assert "Log in again" in messages["session_ended"]
+    assert messages["log_in_again"]
+    assert "no longer exists" in messages["job_lost"]
+    assert messages["prompt_count"] == "%(count)s / %(max)s"
+    assert "%(max)s" in messages["prompt_at_limit"]
+
+
 def test_history_empty(alice_client):
     response = alice_client.get("/history/")
     assert response.status_code == 200

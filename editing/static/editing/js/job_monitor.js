@@ -1,6 +1,6 @@
 // Polling of one job's status, with a time-left estimate from the observed progress rate.
 
-import { ApiError, request } from "./api.js";
+import { ApiError, isSessionError, request } from "./api.js";
 
 const POLL_INTERVAL_MS = 500;
 const MAX_BACKOFF_MS = 5000;
@@ -49,10 +49,15 @@ export class TimeLeftEstimator {
 }
 
 /**
- * Poll GET {jobUrl} until the job reaches a final status.
+ * Poll GET {jobUrl} until the job reaches a final status or disappears.
+ *
+ * Network errors and 5xx responses are retried with backoff, and so are 401 and 403, because the
+ * user can log in again in another tab. Any other 4xx response (404 when the job was deleted) ends
+ * the polling.
  *
  * @param {string} jobUrl
- * @param {object} handlers onUpdate(job, secondsLeft|null), onFinal(job), onNetworkError(error)
+ * @param {object} handlers onUpdate(job, secondsLeft|null), onFinal(job), onNetworkError(error),
+ *   onSessionError(error) and onLost(error).
  * @returns {{stop: function}} handle to stop polling early.
  */
 export function watchJob(jobUrl, handlers) {
@@ -61,6 +66,11 @@ export function watchJob(jobUrl, handlers) {
   let timer = null;
   let delay = POLL_INTERVAL_MS;
 
+  function retry() {
+    delay = Math.min(MAX_BACKOFF_MS, delay * 2);
+    timer = setTimeout(poll, delay);
+  }
+
   async function poll() {
     if (stopped) return;
     let job;
@@ -68,14 +78,17 @@ export function watchJob(jobUrl, handlers) {
       job = await request("GET", jobUrl);
       delay = POLL_INTERVAL_MS;
     } catch (error) {
+      if (stopped) return;
       if (!(error instanceof ApiError) || error.status === 0 || error.status >= 500) {
         handlers.onNetworkError(error);
-        delay = Math.min(MAX_BACKOFF_MS, delay * 2);
-        timer = setTimeout(poll, delay);
-        return;
+        retry();
+      } else if (isSessionError(error)) {
+        handlers.onSessionError(error);
+        retry();
+      } else {
+        stopped = true;
+        handlers.onLost(error);
       }
-      stopped = true;
-      handlers.onNetworkError(error);
       return;
     }
     if (stopped) return;

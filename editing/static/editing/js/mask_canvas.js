@@ -82,6 +82,28 @@ export class MaskCanvas {
     this.changed();
   }
 
+  /** Copy the mask and its undo and redo history for restore(), or return null before an image is loaded. */
+  snapshot() {
+    if (!this.loaded) return null;
+    return {
+      width: this.width,
+      height: this.height,
+      alpha: this.readAlpha(),
+      undoStack: this.undoStack,
+      redoStack: this.redoStack,
+    };
+  }
+
+  /** Restore a mask from snapshot(). Returns false, changing nothing, when its size differs from the loaded image. */
+  restore(snapshot) {
+    if (!this.loaded || snapshot.width !== this.width || snapshot.height !== this.height) return false;
+    this.writeAlpha(snapshot.alpha);
+    this.undoStack = snapshot.undoStack;
+    this.redoStack = snapshot.redoStack;
+    this.changed();
+    return true;
+  }
+
   setTool(tool) {
     if (!TOOLS.includes(tool)) throw new Error(`unknown tool ${tool}; use one of ${TOOLS.join(", ")}`);
     this.tool = tool;

@@ -300,6 +300,9 @@ def test_edit_flow_in_japanese(browser, live_server, celery_worker_process, alic
     assert page.input_value("#seed") == "3"
     assert page.get_attribute(".gallery-item[aria-pressed=true]", "data-template-id") is not None
     assert mask_coverage_percent(page) > 0
+    # The notice about the loaded mask shows under the mask, not under the upload form.
+    assert page.inner_text("#mask-status") != ""
+    assert page.inner_text("#upload-status") == ""
     assert errors == []
 
 
@@ -405,7 +408,7 @@ def test_mask_tools(browser, live_server, alice, no_warmups, media_root):
     page.focus("#stage-scroller")
     page.keyboard.press("r")
     assert page.is_checked("input[name=mask-tool][value=rectangle]")
-    page.click("#zoom-fit")
+    page.click("#zoom-actual")
     page.click("#zoom-out")
     page.click("#zoom-out")
     zoomed_out = page.inner_text("#zoom-level")
@@ -436,7 +439,7 @@ def test_mask_tools(browser, live_server, alice, no_warmups, media_root):
 
 
 def test_time_left_estimate(browser, live_server, alice):
-    """The estimate extrapolates the progress rate seen since the first running poll."""
+    """The estimate waits for two step reports, so model loading before the first step does not skew it."""
     page, errors = new_page(browser, ENGLISH)
     log_in(page, live_server.url, "alice", "pw-alice")
     estimates = page.evaluate(
@@ -444,18 +447,27 @@ def test_time_left_estimate(browser, live_server, alice):
             const { TimeLeftEstimator } = await import("/static/editing/js/job_monitor.js");
             let now = 0;
             const estimator = new TimeLeftEstimator(() => now);
-            const first = estimator.update(0.1);
-            now = 2000;
-            const stalled = estimator.update(0.1);
-            now = 4000;
-            const moving = estimator.update(0.3);
-            return [first, stalled, moving];
+            const sample = (time, progress) => { now = time; return estimator.update(progress); };
+            return [
+                sample(0, 0),          // running, loading the model
+                sample(5000, 0),       // still loading
+                sample(20000, 0.05),   // first step report, after 20 s of loading
+                sample(20250, 0.05),   // no new step yet
+                sample(20500, 0.10),   // second step report: 0.05 in 0.5 s
+                sample(21000, 0.20),
+                sample(21500, 0.10),   // a restarted attempt
+                sample(22000, 0.20),
+                sample(22500, 0.30),
+            ];
         }"""
     )
-    assert estimates[0] is None
-    assert estimates[1] is None
-    # 0.2 of the job in 4 s leaves 0.7 at 20 s per unit: 14 s.
-    assert estimates[2] == pytest.approx(14.0)
+    assert estimates[:4] == [None, None, None, None]
+    # 0.05 of the job in 0.5 s leaves 0.9 at 10 s per unit: 9 s.
+    assert estimates[4] == pytest.approx(9.0)
+    # 0.15 since the first report in 1 s leaves 0.8: 5.33 s.
+    assert estimates[5] == pytest.approx(0.8 / 0.15)
+    assert estimates[6:8] == [None, None]
+    assert estimates[8] == pytest.approx(0.7 * 0.5 / 0.1)
     assert errors == []
 
 
@@ -476,3 +488,261 @@ def test_cancel_running_job(browser, live_server, celery_worker_process, alice, 
     assert page.is_hidden("#result-panel")
     assert page.is_enabled("#job-submit")
     assert errors == []
+
+
+# --- Editor behavior around jobs, with the worker played by the test through the job state machine.
+
+
+@pytest.fixture
+def jobs_not_sent(monkeypatch):
+    """Keep submitted jobs queued: the test moves them through their states itself."""
+    from editing import services
+
+    monkeypatch.setattr(services, "enqueue", lambda job, chosen=None, takeover=False: None)
+
+
+def png_file(name: str, size: tuple[int, int], color: tuple[int, int, int]) -> dict:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return {"name": name, "mimeType": "image/png", "buffer": buffer.getvalue()}
+
+
+def upload_file(page, file: dict) -> int:
+    """Upload a template from memory, wait until it is selected and return its id."""
+    page.set_input_files("#upload-image", file)
+    page.click("#upload-submit")
+    selected = ".gallery-item[aria-pressed=true]"
+    page.wait_for_function(
+        f"document.querySelector('{selected} .gallery-name')?.textContent === {Path(file['name']).stem!r}"
+        " && document.getElementById('stage-image').complete"
+    )
+    return int(page.get_attribute(selected, "data-template-id"))
+
+
+def select_template(page, template_id: int) -> None:
+    page.click(f".gallery-item[data-template-id='{template_id}']")
+    page.wait_for_selector(f".gallery-item[data-template-id='{template_id}'][aria-pressed=true]")
+    page.wait_for_function("document.getElementById('stage-image').complete")
+
+
+def run_job_to_success(job_id: str) -> None:
+    """Claim, advance and finish a queued job as a worker would, with a copy of coffee.png as its result."""
+    from django.core.files.base import ContentFile
+    from django.core.files.storage import default_storage
+
+    from editing import jobstate
+
+    assert jobstate.claim(job_id, worker="test-worker")
+    assert jobstate.report_progress(job_id, 0.5)
+    name = default_storage.save(f"results/{job_id}.png", ContentFile(COFFEE.read_bytes()))
+    assert jobstate.succeed(job_id, result_name=name, timings={"denoise": 120.0})
+
+
+def newest_job_id() -> str:
+    from editing.models import EditJob
+
+    return str(EditJob.objects.order_by("-created_at").values_list("pk", flat=True).first())
+
+
+def http_errors_except(errors: list[str], *statuses: int) -> list[str]:
+    """Console errors other than the browser's reports of the expected HTTP statuses."""
+    return [error for error in errors if not any(f"status of {status}" in error for status in statuses)]
+
+
+def test_templates_keep_masks_fit_and_prompt_counter(browser, live_server, alice, no_warmups, media_root):
+    page, errors = new_page(browser, ENGLISH)
+    log_in(page, live_server.url, "alice", "pw-alice")
+    upload_template(page, COFFEE)
+    coffee = int(page.get_attribute(".gallery-item[aria-pressed=true]", "data-template-id"))
+    paint_strokes(page, STROKES, COFFEE_SIZE)
+    painted = mask_coverage_percent(page)
+    assert painted > 0
+
+    # A tiny template fills the stage up to the maximum zoom (800%) instead of showing at 8 x 8 px.
+    tiny = upload_file(page, png_file("tiny.png", (8, 8), (20, 120, 200)))
+    assert mask_coverage_percent(page) == 0
+    assert page.inner_text("#zoom-level") == "800%"
+    assert page.locator("#stage").bounding_box()["width"] == pytest.approx(64, abs=1)
+
+    # Selecting the first template again brings back its mask and undo history.
+    select_template(page, coffee)
+    assert mask_coverage_percent(page) == painted
+    assert page.is_enabled("#mask-undo")
+    page.click("#mask-undo")
+    assert 0 < mask_coverage_percent(page) < painted
+    page.click("#mask-redo")
+    assert mask_coverage_percent(page) == painted
+
+    # Clicking the selected template keeps its mask.
+    page.click(f".gallery-item[data-template-id='{coffee}']")
+    page.wait_for_timeout(300)
+    assert mask_coverage_percent(page) == painted
+    select_template(page, tiny)
+    assert mask_coverage_percent(page) == 0
+
+    # The prompt counter counts characters and warns near and at the limit.
+    page.fill("#prompt", "x" * 10)
+    assert page.inner_text("#prompt-counter") == "10 / 2000"
+    assert "near-limit" not in page.get_attribute("#prompt-counter", "class")
+    page.fill("#prompt", "x" * 1990)
+    assert "near-limit" in page.get_attribute("#prompt-counter", "class")
+    assert page.inner_text("#prompt-limit") == ""
+    page.fill("#prompt", "x" * 2000)
+    page.focus("#prompt")
+    page.keyboard.type("y")
+    assert page.inner_text("#prompt-counter") == "2000 / 2000"
+    assert page.inner_text("#prompt-limit") == "The prompt has reached the limit of 2000 characters."
+
+    # On a narrow screen the gallery sits above the mask: selecting a template scrolls the mask into view.
+    page.set_viewport_size({"width": 390, "height": 700})
+    page.evaluate("window.scrollTo(0, 0)")
+    page.click(f".gallery-item[data-template-id='{coffee}']")
+    page.wait_for_function(
+        """() => {
+            const panel = document.getElementById("mask-panel").getBoundingClientRect();
+            const stage = document.getElementById("stage-scroller").getBoundingClientRect();
+            return Math.abs(panel.top) <= 1 && stage.bottom <= window.innerHeight;
+        }"""
+    )
+    assert mask_coverage_percent(page) == painted
+    assert errors == []
+
+
+def test_job_panel_follows_its_own_job(browser, live_server, alice, no_warmups, media_root, jobs_not_sent):
+    from editing.models import EditJob
+
+    page, errors = new_page(browser, ENGLISH)
+    log_in(page, live_server.url, "alice", "pw-alice")
+    upload_template(page, COFFEE)
+    coffee = int(page.get_attribute(".gallery-item[aria-pressed=true]", "data-template-id"))
+    tiny = upload_file(page, png_file("tiny.png", (8, 8), (20, 120, 200)))
+    select_template(page, coffee)
+    paint_strokes(page, STROKES, COFFEE_SIZE)
+    page.fill("#prompt", ENGLISH.prompt)
+
+    # The result compares with the job's template, even when another one is selected meanwhile.
+    page.click("#job-submit")
+    page.wait_for_function("document.getElementById('job-status').textContent === 'queued'")
+    assert page.is_visible("#job-cancel")
+    first_job = newest_job_id()
+    select_template(page, tiny)
+    run_job_to_success(first_job)
+    page.wait_for_selector("#result-panel:not([hidden])")
+    assert page.get_attribute("#compare-before", "src") == f"/api/templates/{coffee}/image/"
+    assert page.is_hidden("#job-cancel")
+
+    # The panels follow one another without gaps in the right-hand column.
+    boxes = {name: page.locator(f"#{name}-panel").bounding_box() for name in ["mask", "prompt", "job", "result"]}
+    for upper, lower in [("mask", "prompt"), ("prompt", "job"), ("job", "result")]:
+        gap = boxes[lower]["y"] - (boxes[upper]["y"] + boxes[upper]["height"])
+        assert 0 <= gap <= 20, f"{gap} px between the {upper} and {lower} panels"
+    page.screenshot(path=str(SCREENSHOTS / "editor-result-1400.png"), full_page=True)
+
+    # The "Show original" toggle reads and looks pressed.
+    unpressed_background = page.eval_on_selector("#compare-toggle", "e => getComputedStyle(e).backgroundColor")
+    page.click("#compare-toggle")
+    assert page.get_attribute("#compare-toggle", "aria-pressed") == "true"
+    assert page.eval_on_selector("#compare-toggle", "e => getComputedStyle(e).backgroundColor") != unpressed_background
+
+    # While a new job is sent the old progress and result are gone, and a rejected job leaves no panel.
+    select_template(page, coffee)
+    held_requests = []
+    page.route("**/api/jobs/", lambda route: held_requests.append(route) if route.request.method == "POST" else route.continue_())
+    page.click("#job-submit")
+    for _ in range(100):
+        if held_requests:
+            break
+        page.wait_for_timeout(100)
+    assert held_requests, "the job was not submitted"
+    assert page.is_hidden("#result-panel")
+    assert page.inner_text("#job-status") == "Submitting…"
+    assert page.inner_text("#job-progress-text") == "0%"
+    assert page.is_hidden("#job-cancel")
+    held_requests[0].fulfill(status=400, content_type="application/json", body='{"prompt": ["The prompt is not allowed."]}')
+    page.wait_for_selector("#prompt-error:not([hidden])")
+    assert page.is_hidden("#job-panel")
+    page.unroute("**/api/jobs/")
+
+    # A job deleted while it is watched ends its panel and lets the user start another edit.
+    page.click("#job-submit")
+    page.wait_for_function("document.getElementById('job-status').textContent === 'queued'")
+    assert page.is_disabled("#job-submit")
+    EditJob.objects.filter(pk=newest_job_id()).delete()
+    page.wait_for_function("document.getElementById('job-panel').dataset.status === 'lost'")
+    assert page.inner_text("#job-message").startswith("This job no longer exists")
+    assert page.is_enabled("#job-submit")
+    assert page.is_hidden("#job-cancel")
+
+    # After "Edit again", the notice about the loaded mask shows near the mask.
+    page.goto(f"{live_server.url}/?job={first_job}")
+    page.wait_for_selector("body[data-editor-ready=true]")
+    assert page.inner_text("#mask-status") == "Loaded the mask of the earlier job."
+    assert page.inner_text("#upload-status") == ""
+
+    # The history fits a 390 px wide screen.
+    page.set_viewport_size({"width": 390, "height": 800})
+    page.goto(live_server.url + "/history/")
+    page.wait_for_function("[...document.images].every((image) => image.complete)")
+    page.screenshot(path=str(SCREENSHOTS / "history-390.png"), full_page=True)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert http_errors_except(errors, 400, 404) == []
+
+
+def test_reload_shows_active_job(browser, live_server, alice, no_warmups, media_root, jobs_not_sent):
+    page, errors = new_page(browser, ENGLISH)
+    log_in(page, live_server.url, "alice", "pw-alice")
+    upload_template(page, COFFEE)
+    coffee = int(page.get_attribute(".gallery-item[aria-pressed=true]", "data-template-id"))
+    paint_strokes(page, STROKES, COFFEE_SIZE)
+    page.fill("#prompt", ENGLISH.prompt)
+    page.click("#job-submit")
+    page.wait_for_function("document.getElementById('job-status').textContent === 'queued'")
+    upload_file(page, png_file("tiny.png", (8, 8), (20, 120, 200)))
+
+    page.reload()
+    page.wait_for_selector("body[data-editor-ready=true]")
+    assert page.is_visible("#job-panel")
+    assert page.inner_text("#job-status") == "queued"
+    assert page.is_disabled("#job-submit")
+    assert page.get_attribute(".gallery-item[aria-pressed=true]", "data-template-id") == str(coffee)
+
+    run_job_to_success(newest_job_id())
+    page.wait_for_selector("#result-panel:not([hidden])")
+    assert page.inner_text("#job-status") == "succeeded"
+    assert page.is_enabled("#job-submit")
+    assert errors == []
+
+
+def test_session_end_and_new_login(browser, live_server, alice, no_warmups, media_root, jobs_not_sent):
+    page, errors = new_page(browser, JAPANESE)
+    log_in(page, live_server.url, "alice", "pw-alice")
+    upload_template(page, COFFEE)
+    paint_strokes(page, STROKES, COFFEE_SIZE)
+    painted = mask_coverage_percent(page)
+    page.fill("#prompt", JAPANESE.prompt)
+
+    # Log out in another tab: a submission shows that the session ended, with a link to the login page.
+    other = page.context.new_page()
+    other.goto(live_server.url + "/")
+    other.locator(".logout-form button[type=submit]").click()
+    other.wait_for_url("**/accounts/login/**")
+    page.click("#job-submit")
+    page.wait_for_selector("#general-error:not([hidden])")
+    link = page.locator("#general-error a")
+    assert link.get_attribute("href") == "/accounts/login/"
+    assert link.get_attribute("target") == "_blank"
+    session_ended = page.evaluate("JSON.parse(document.getElementById('editor-messages').textContent).session_ended")
+    assert page.inner_text("#general-error").startswith(session_ended)
+    assert mask_coverage_percent(page) == painted
+    assert page.is_enabled("#job-submit")
+
+    # Log in again in the other tab: Django rotates the CSRF token, and the next submission uses the new one.
+    other.fill("#id_username", "alice")
+    other.fill("#id_password", "pw-alice")
+    other.locator("main button[type=submit]").click()
+    other.wait_for_selector("body[data-editor-ready=true]")
+    page.click("#job-submit")
+    page.wait_for_function("document.getElementById('job-status').textContent === '待機中'"
+                           " || !document.getElementById('general-error').hidden")
+    assert page.is_hidden("#general-error"), page.inner_text("#general-error")
+    assert http_errors_except(errors, 401, 403) == []

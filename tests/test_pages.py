@@ -174,6 +174,27 @@ def test_history_lists_own_jobs_with_timings_and_cache(alice_client, coffee_job,
     assert html.index("load: 120 ms") < html.index("denoise: 3.5 s") < html.index("gpu_sync: 9 ms")
 
 
+def test_history_hides_internal_queue_name(alice_client, coffee_job):
+    html = alice_client.get("/history/").content.decode()
+
+    assert coffee_job.bucket
+    assert f"<dd>{coffee_job.bucket}</dd>" not in html
+    assert ">Queue<" not in html
+    assert "share of latent tokens touched" in html
+
+
+def test_editor_messages_for_session_and_lost_job(alice_client):
+    html = alice_client.get("/").content.decode()
+    messages = script_json(html, "editor-messages")
+
+    assert 'data-login-url="/accounts/login/"' in html
+    assert "Log in again" in messages["session_ended"]
+    assert messages["log_in_again"]
+    assert "no longer exists" in messages["job_lost"]
+    assert messages["prompt_count"] == "%(count)s / %(max)s"
+    assert "%(max)s" in messages["prompt_at_limit"]
+
+
 def test_history_empty(alice_client):
     response = alice_client.get("/history/")
     assert response.status_code == 200

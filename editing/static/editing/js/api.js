@@ -20,9 +20,42 @@ export class ApiError extends Error {
   }
 }
 
+/**
+ * Read the CSRF token when a request is sent.
+ *
+ * Django rotates the token when the user logs in, possibly in another tab, so the csrftoken cookie is read
+ * first. The token embedded in the page is the fallback for a page whose cookie is missing.
+ */
 function csrfToken() {
+  for (const part of document.cookie.split(";")) {
+    const [name, ...value] = part.trim().split("=");
+    if (name === "csrftoken") return decodeURIComponent(value.join("="));
+  }
   const meta = document.querySelector('meta[name="csrf-token"]');
   return meta ? meta.content : "";
+}
+
+/** Tell whether an error means that the session ended or no longer matches the page (401 or 403). */
+export function isSessionError(error) {
+  return error instanceof ApiError && (error.status === 401 || error.status === 403);
+}
+
+/**
+ * Show the "session ended" message in an error element, with a link to the login page.
+ *
+ * The link opens a new tab, so the painted mask and the form in this tab survive the new login.
+ */
+export function setSessionError(scope, element, messages) {
+  const link = document.createElement("a");
+  // The home page redirects a logged-out user to the login page too.
+  link.href = document.querySelector("[data-login-url]")?.dataset.loginUrl || "/";
+  link.target = "_blank";
+  link.rel = "noopener";
+  link.textContent = messages.log_in_again;
+  element.replaceChildren(messages.session_ended, " ", link);
+  element.hidden = false;
+  const control = scope.querySelector(`[aria-describedby~="${CSS.escape(element.id)}"]`);
+  if (control) control.setAttribute("aria-invalid", "true");
 }
 
 /**
@@ -58,6 +91,11 @@ export async function request(method, url, body = null) {
  */
 export function showErrors(scope, error, messages, generalKey = "general") {
   clearErrors(scope);
+  if (isSessionError(error)) {
+    const target = findErrorElement(scope, generalKey);
+    if (target) setSessionError(scope, target, messages);
+    return;
+  }
   const general = [];
   const body = error instanceof ApiError ? error.body : null;
   if (error instanceof ApiError && error.status === 0) {

@@ -1,6 +1,6 @@
 // The editor page: template gallery and upload, mask painting, job submission, progress and result.
 
-import { ApiError, clearErrors, format, request, setError, showErrors } from "./api.js";
+import { ApiError, clearErrors, format, isSessionError, request, setError, setSessionError, showErrors } from "./api.js";
 import { watchJob } from "./job_monitor.js";
 import { MaskCanvas, TOOLS } from "./mask_canvas.js";
 import { ResultView } from "./result_view.js";
@@ -15,6 +15,8 @@ const state = {
   nextTemplatesUrl: null,
   job: null,
   watcher: null,
+  // Template id -> mask snapshot with its undo history, kept while the page is open.
+  masks: new Map(),
 };
 
 const mask = new MaskCanvas(
@@ -90,20 +92,52 @@ function addTemplate(template, first) {
   else gallery.append(item);
 }
 
+/**
+ * Select a template and show its mask.
+ *
+ * The mask of the template selected before is kept, with its undo history, and comes back when that
+ * template is selected again. Selecting the template that is already selected changes nothing.
+ */
 async function selectTemplate(template) {
+  if (state.template && state.template.id === template.id && mask.loaded) {
+    revealMaskPanel();
+    return;
+  }
+  if (state.template && mask.loaded) state.masks.set(state.template.id, mask.snapshot());
   state.template = template;
   for (const button of document.querySelectorAll(".gallery-item")) {
     button.setAttribute("aria-pressed", String(Number(button.dataset.templateId) === template.id));
   }
   clearErrors($("template-panel"));
+  clearErrors($("mask-panel"));
+  $("mask-status").textContent = "";
   $("gallery-status").textContent = format(messages.template_selected, { name: template.name });
   $("stage-empty").hidden = true;
   try {
     await mask.load(template.image_url, template.width, template.height);
+    // A later click may have selected another template while this image was loading.
+    if (state.template !== template) return;
+    const saved = state.masks.get(template.id);
+    if (saved) mask.restore(saved);
   } catch {
+    if (state.template !== template) return;
     setError($("mask-panel"), $("mask-error"), messages.image_load_failed);
   }
   onMaskChange();
+  revealMaskPanel();
+}
+
+/** Scroll the mask canvas into view when less than half of it (or of the window) is visible. */
+function revealMaskPanel() {
+  const box = $("stage-scroller").getBoundingClientRect();
+  const visibleHeight = Math.min(box.bottom, window.innerHeight) - Math.max(box.top, 0);
+  if (visibleHeight >= Math.min(box.height, window.innerHeight) / 2) return;
+  const reduceMotion = window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+  $("mask-panel").scrollIntoView({ behavior: reduceMotion ? "auto" : "smooth", block: "start" });
+}
+
+function templateImageUrl(templateId) {
+  return `${config.templates_url}${templateId}/image/`;
 }
 
 async function uploadTemplate(event) {
@@ -271,7 +305,7 @@ async function submitJob(event) {
     if (value !== "") fields[name] = value;
   }
   $("job-submit").disabled = true;
-  $("job-message").textContent = messages.submitting;
+  showSubmitting();
   try {
     const body = new FormData();
     for (const [name, value] of Object.entries(fields)) body.append(name, value);
@@ -279,10 +313,24 @@ async function submitJob(event) {
     const job = await request("POST", config.jobs_url, body);
     startWatching(job);
   } catch (error) {
-    $("job-message").textContent = "";
+    $("job-panel").hidden = true;
     showErrorsOnPage(error);
     $("job-submit").disabled = false;
   }
+}
+
+/** Replace the previous job's progress and result with an empty panel while the new job is sent. */
+function showSubmitting() {
+  result.hide();
+  const panel = $("job-panel");
+  panel.dataset.status = "submitting";
+  $("job-status").textContent = messages.submitting;
+  for (const id of ["job-queue", "job-step", "job-eta"]) $(id).textContent = "—";
+  $("job-progress").value = 0;
+  $("job-progress-text").textContent = "0%";
+  $("job-message").textContent = "";
+  $("job-cancel").hidden = true;
+  panel.hidden = false;
 }
 
 /** Show job-creation errors: each field's message goes to the panel holding that field. */
@@ -297,6 +345,8 @@ function startWatching(job) {
   state.job = job;
   result.hide();
   $("job-panel").hidden = false;
+  $("job-submit").disabled = true;
+  $("job-cancel").hidden = false;
   $("job-cancel").disabled = false;
   $("job-message").textContent = "";
   renderJob(job, null);
@@ -308,6 +358,8 @@ function startWatching(job) {
       const text = error.status ? format(messages.request_failed, { status: error.status }) : messages.network_error;
       $("job-message").textContent = text;
     },
+    onSessionError: () => setSessionError($("job-panel"), $("job-message"), messages),
+    onLost: loseJob,
   });
 }
 
@@ -346,16 +398,29 @@ function timeLeftText(job, secondsLeft) {
 function finishJob(job) {
   state.watcher = null;
   $("job-submit").disabled = false;
-  $("job-cancel").disabled = true;
+  $("job-cancel").hidden = true;
   $("job-eta").textContent = "—";
   if (job.status === "succeeded") {
     $("job-message").textContent = messages.job_succeeded;
-    result.show(job, state.template);
+    result.show(job, templateImageUrl(job.template));
   } else if (job.status === "failed") {
     $("job-message").textContent = format(messages.job_failed, { error: job.error });
   } else {
     $("job-message").textContent = messages.job_cancelled;
   }
+}
+
+/** End the progress panel of a job that the API no longer returns, such as one deleted with its template. */
+function loseJob(error) {
+  state.watcher = null;
+  $("job-submit").disabled = false;
+  $("job-cancel").hidden = true;
+  $("job-panel").dataset.status = "lost";
+  $("job-status").textContent = messages.job_lost_status;
+  for (const id of ["job-queue", "job-step", "job-eta"]) $(id).textContent = "—";
+  $("job-message").textContent = error.status === 404
+    ? messages.job_lost
+    : format(messages.request_failed, { status: error.status });
 }
 
 async function cancelJob() {
@@ -368,7 +433,10 @@ async function cancelJob() {
     $("job-message").textContent = job.status === "cancelled" ? messages.job_cancelled : messages.cancel_requested;
   } catch (error) {
     // 409 means the job finished meanwhile; the poller reports its final status.
-    if (!(error instanceof ApiError && error.status === 409)) {
+    if (isSessionError(error)) {
+      setSessionError($("job-panel"), $("job-message"), messages);
+      $("job-cancel").disabled = false;
+    } else if (!(error instanceof ApiError && error.status === 409)) {
       $("job-message").textContent = error.body?.detail || format(messages.request_failed, { status: error.status });
       $("job-cancel").disabled = false;
     }
@@ -391,10 +459,65 @@ async function applyPrefill(prefill) {
   await selectTemplate(template);
   try {
     await mask.loadMask(prefill.mask_url);
-    $("upload-status").textContent = messages.mask_loaded;
+    $("mask-status").textContent = messages.mask_loaded;
   } catch {
     setError($("mask-panel"), $("mask-error"), messages.mask_load_failed);
   }
+}
+
+// --- A job that was still active when the page was opened or reloaded.
+
+/** Find the user's newest queued or running job, or null when there is none. */
+async function findActiveJob() {
+  let newest = null;
+  for (const status of ["running", "queued"]) {
+    const page = await request("GET", `${config.jobs_url}?status=${status}&limit=1`);
+    const job = page.results[0];
+    if (job && (!newest || Date.parse(job.created_at) > Date.parse(newest.created_at))) newest = job;
+  }
+  return newest;
+}
+
+/**
+ * Show the progress of the newest active job again, and its result when it finishes.
+ *
+ * Its template is selected too, unless the page opened an earlier job's settings ("Edit again").
+ */
+async function resumeActiveJob() {
+  let job;
+  try {
+    job = await findActiveJob();
+  } catch (error) {
+    showErrors($("job-form"), error, messages, "general");
+    return;
+  }
+  if (!job) return;
+  if (!config.prefill && !state.template) {
+    let template = state.templates.get(job.template);
+    if (!template) {
+      try {
+        template = await request("GET", `${config.templates_url}${job.template}/`);
+        addTemplate(template, true);
+      } catch {
+        template = null; // The progress panel still shows, without a selected template.
+      }
+    }
+    if (template) await selectTemplate(template);
+  }
+  startWatching(job);
+}
+
+// --- Prompt length.
+
+/** Show "n / max" under the prompt, as a warning near the limit and with a message at it. */
+function updatePromptCounter() {
+  const max = config.max_prompt_chars;
+  // The textarea's maxlength counts UTF-16 code units, as String.length does.
+  const count = $("prompt").value.length;
+  const counter = $("prompt-counter");
+  counter.textContent = format(messages.prompt_count, { count, max });
+  counter.classList.toggle("near-limit", max - count <= Math.max(20, Math.ceil(max * 0.1)));
+  $("prompt-limit").textContent = count >= max ? format(messages.prompt_at_limit, { max }) : "";
 }
 
 // --- Start.
@@ -406,9 +529,12 @@ async function start() {
   $("gallery-more").addEventListener("click", () => loadTemplates(state.nextTemplatesUrl));
   $("job-form").addEventListener("submit", submitJob);
   $("job-cancel").addEventListener("click", cancelJob);
+  $("prompt").addEventListener("input", updatePromptCounter);
+  updatePromptCounter();
   onMaskChange();
   await loadTemplates(config.templates_url);
   if (config.prefill) await applyPrefill(config.prefill);
+  await resumeActiveJob();
   document.body.dataset.editorReady = "true";
 }
 

@@ -1,42 +1,63 @@
 // Polling of one job's status, with a time-left estimate from the observed progress rate.
 
-import { ApiError, request } from "./api.js";
+import { ApiError, isSessionError, request } from "./api.js";
 
 const POLL_INTERVAL_MS = 500;
 const MAX_BACKOFF_MS = 5000;
 const FINAL_STATUSES = new Set(["succeeded", "failed", "cancelled"]);
 
 /**
- * Estimate of the seconds left, from the progress rate since the job's first observed progress.
+ * Estimate of the seconds left, from the progress rate between observed step reports.
  *
- * The rate is measured from the first poll that saw the job running. Time spent loading the model
- * before the first step therefore counts toward the rate, and the estimate falls as steps go by.
+ * The rate is measured from the first poll that saw the progress change. Time spent loading the model
+ * before the first step therefore does not skew it, nor does a job already part done when the page
+ * opened. An estimate needs a second change after that one, which gives a rate over at least one step.
  */
 export class TimeLeftEstimator {
   constructor(now = () => performance.now()) {
     this.now = now;
-    this.start = null; // {time: ms, progress: 0..1}
+    this.last = null; // progress of the previous sample, 0..1
+    this.anchor = null; // {time: ms, progress: 0..1} of the first observed step report
+    this.reports = 0; // progress changes observed since the anchor
   }
 
   /** Record a progress sample; returns seconds left, or null while no rate is known yet. */
   update(progress) {
     const time = this.now();
-    if (this.start === null) {
-      this.start = { time, progress };
+    const previous = this.last;
+    this.last = progress;
+    if (previous === null) return null;
+    if (progress < previous) {
+      // A restarted attempt begins again at step 0, at its own rate.
+      this.anchor = null;
+      this.reports = 0;
       return null;
     }
-    const elapsedSeconds = (time - this.start.time) / 1000;
-    const done = progress - this.start.progress;
+    if (progress > previous) {
+      if (this.anchor === null) {
+        this.anchor = { time, progress };
+        return null;
+      }
+      this.reports += 1;
+    }
+    if (this.anchor === null || this.reports < 1) return null;
+    const elapsedSeconds = (time - this.anchor.time) / 1000;
+    const done = progress - this.anchor.progress;
     if (done <= 0 || elapsedSeconds <= 0) return null;
     return ((1 - progress) * elapsedSeconds) / done;
   }
 }
 
 /**
- * Poll GET {jobUrl} until the job reaches a final status.
+ * Poll GET {jobUrl} until the job reaches a final status or disappears.
+ *
+ * Network errors and 5xx responses are retried with backoff, and so are 401 and 403, because the
+ * user can log in again in another tab. Any other 4xx response (404 when the job was deleted) ends
+ * the polling.
  *
  * @param {string} jobUrl
- * @param {object} handlers onUpdate(job, secondsLeft|null), onFinal(job), onNetworkError(error)
+ * @param {object} handlers onUpdate(job, secondsLeft|null), onFinal(job), onNetworkError(error),
+ *   onSessionError(error) and onLost(error).
  * @returns {{stop: function}} handle to stop polling early.
  */
 export function watchJob(jobUrl, handlers) {
@@ -45,6 +66,11 @@ export function watchJob(jobUrl, handlers) {
   let timer = null;
   let delay = POLL_INTERVAL_MS;
 
+  function retry() {
+    delay = Math.min(MAX_BACKOFF_MS, delay * 2);
+    timer = setTimeout(poll, delay);
+  }
+
   async function poll() {
     if (stopped) return;
     let job;
@@ -52,14 +78,17 @@ export function watchJob(jobUrl, handlers) {
       job = await request("GET", jobUrl);
       delay = POLL_INTERVAL_MS;
     } catch (error) {
+      if (stopped) return;
       if (!(error instanceof ApiError) || error.status === 0 || error.status >= 500) {
         handlers.onNetworkError(error);
-        delay = Math.min(MAX_BACKOFF_MS, delay * 2);
-        timer = setTimeout(poll, delay);
-        return;
+        retry();
+      } else if (isSessionError(error)) {
+        handlers.onSessionError(error);
+        retry();
+      } else {
+        stopped = true;
+        handlers.onLost(error);
       }
-      stopped = true;
-      handlers.onNetworkError(error);
       return;
     }
     if (stopped) return;

@@ -82,6 +82,28 @@ export class MaskCanvas {
     this.changed();
   }
 
+  /** Copy the mask and its undo and redo history for restore(), or return null before an image is loaded. */
+  snapshot() {
+    if (!this.loaded) return null;
+    return {
+      width: this.width,
+      height: this.height,
+      alpha: this.readAlpha(),
+      undoStack: this.undoStack,
+      redoStack: this.redoStack,
+    };
+  }
+
+  /** Restore a mask from snapshot(). Returns false, changing nothing, when its size differs from the loaded image. */
+  restore(snapshot) {
+    if (!this.loaded || snapshot.width !== this.width || snapshot.height !== this.height) return false;
+    this.writeAlpha(snapshot.alpha);
+    this.undoStack = snapshot.undoStack;
+    this.redoStack = snapshot.redoStack;
+    this.changed();
+    return true;
+  }
+
   setTool(tool) {
     if (!TOOLS.includes(tool)) throw new Error(`unknown tool ${tool}; use one of ${TOOLS.join(", ")}`);
     this.tool = tool;
@@ -140,6 +162,8 @@ export class MaskCanvas {
     this.zoom = Math.min(ZOOM_STEPS[ZOOM_STEPS.length - 1], Math.max(ZOOM_STEPS[0], zoom));
     this.stage.style.width = `${Math.round(this.width * this.zoom)}px`;
     this.stage.style.height = `${Math.round(this.height * this.zoom)}px`;
+    // From 200% on, image pixels are drawn as sharp squares, so the mask's pixels stay visible.
+    this.stage.classList.toggle("enlarged", this.zoom >= 2);
     this.updateCursorSize();
     this.onChange();
   }
@@ -154,11 +178,11 @@ export class MaskCanvas {
     this.setZoom(previous ?? this.zoom);
   }
 
-  /** Fit the whole image into the visible area, never enlarging it beyond 100%. */
+  /** Fit the whole image into the visible area, enlarging a small image up to the maximum zoom. */
   zoomToFit() {
     const availableWidth = Math.max(50, this.scroller.clientWidth - 4);
     const availableHeight = Math.max(50, window.innerHeight * 0.7);
-    this.setZoom(Math.min(1, availableWidth / this.width, availableHeight / this.height));
+    this.setZoom(Math.min(availableWidth / this.width, availableHeight / this.height));
   }
 
   // --- Reading the mask.

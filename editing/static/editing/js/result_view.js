@@ -15,11 +15,15 @@ export class ResultView {
     this.panel.hidden = true;
   }
 
-  /** Show a succeeded job's result next to its template. */
-  show(job, template) {
+  /**
+   * Show a succeeded job's result next to the template it was made from.
+   * @param {object} job The job as the API returns it.
+   * @param {string} templateImageUrl Image of the job's own template, which may differ from the selected one.
+   */
+  show(job, templateImageUrl) {
     // The query string keeps the browser from showing a cached result of an earlier job.
     const resultUrl = `${job.result_url}?v=${encodeURIComponent(job.finished_at || job.id)}`;
-    this.before.src = template.image_url;
+    this.before.src = templateImageUrl;
     this.afterImage.src = resultUrl;
     this.download.href = job.result_url;
     this.download.setAttribute("download", `edit-${job.id}.png`);

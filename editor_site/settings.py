@@ -175,6 +175,11 @@ SPECTACULAR_SETTINGS = {
     # Separate request and response components, so upload fields are `format: binary` and Swagger UI offers
     # a file picker for them.
     "COMPONENT_SPLIT_REQUEST": True,
+    # Jobs and warm-ups share these choice sets; one schema name each.
+    "ENUM_NAME_OVERRIDES": {
+        "CacheVariantEnum": "editing.models.CacheVariant",
+        "CacheTierEnum": "editing.models.CacheTier",
+    },
 }
 
 # --- Celery (Redis broker). The database, not Celery, is the source of truth for job state.

@@ -26,6 +26,8 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 SCREENSHOTS = ROOT / os.environ.get("EDITOR_SCREENSHOT_DIR", "var/screenshots")
+# Layout checks that the README does not show always go to var/.
+LAYOUT_SCREENSHOTS = ROOT / "var" / "screenshots"
 JOB_TIMEOUT_MS = 300_000
 UI_TIMEOUT_MS = 30_000
 # Pixels this far from the painted mask must come back unchanged: the worker regenerates whole
@@ -637,7 +639,7 @@ def test_job_panel_follows_its_own_job(browser, live_server, alice, no_warmups, 
     for upper, lower in [("mask", "prompt"), ("prompt", "job"), ("job", "result")]:
         gap = boxes[lower]["y"] - (boxes[upper]["y"] + boxes[upper]["height"])
         assert 0 <= gap <= 20, f"{gap} px between the {upper} and {lower} panels"
-    page.screenshot(path=str(SCREENSHOTS / "editor-result-1400.png"), full_page=True)
+    page.screenshot(path=str(LAYOUT_SCREENSHOTS / "editor-result-1400.png"), full_page=True)
 
     # The "Show original" toggle reads and looks pressed.
     unpressed_background = page.eval_on_selector("#compare-toggle", "e => getComputedStyle(e).backgroundColor")
@@ -684,7 +686,7 @@ def test_job_panel_follows_its_own_job(browser, live_server, alice, no_warmups, 
     page.set_viewport_size({"width": 390, "height": 800})
     page.goto(live_server.url + "/history/")
     page.wait_for_function("[...document.images].every((image) => image.complete)")
-    page.screenshot(path=str(SCREENSHOTS / "history-390.png"), full_page=True)
+    page.screenshot(path=str(LAYOUT_SCREENSHOTS / "history-390.png"), full_page=True)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     assert http_errors_except(errors, 400, 404) == []
 

@@ -563,12 +563,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 3, quick 1)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="Flux demo model preset (default 'bench'; 'bench-wide' has hidden size 1024)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for both paths (default: torch's own, one per core); a worker "
+                             "process of the two-worker stack runs with 1")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     config = full_config(args.quick)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats {args.repeats} must be 1 or more.")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads {args.threads} must be 1 or more.")
+        torch.set_num_threads(args.threads)
     chosen = args.family or ("flux" if args.quick else "all")
     if args.preset is not None and args.preset not in ("bench", config.preset) and chosen != "flux":
         parser.error(f"--preset {args.preset} exists for Flux only; add --family flux.")

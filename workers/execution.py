@@ -20,10 +20,10 @@ from django.core.files.base import ContentFile
 from django.db import DatabaseError, close_old_connections, connection
 from django.utils import timezone
 
+from cache.keys import CacheKey
 from editing import catalog, imaging, jobstate, warmups
 from editing.failures import Failure, exception_failure
 from editing.models import CacheOutcome, CacheWarmup, EditJob, JobStatus
-from cache.keys import CacheKey
 from workers import caching, worker_state
 from workers.metrics_publisher import publish_metrics
 from workers.model_loading import get_model

@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 from django.conf import settings
-from kombu.exceptions import OperationalError
-from redis.exceptions import RedisError
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 
 from editing import catalog, imaging, services
 from editing.models import EditJob, JobStatus, Template

@@ -59,6 +59,16 @@ def unserved(model: str) -> bool:
     return all(model not in worker.models for worker in workers)
 
 
+def process_restarted(hostname: str, since: float, workers: list[WorkerState]) -> bool:
+    """True when the live heartbeat of `hostname` comes from a process started after `since` (epoch seconds).
+
+    The process that was running at `since` is then certainly gone, unlike a missing heartbeat, which a
+    slow publish can also cause.
+    """
+    match = next((worker for worker in workers if worker.hostname == hostname), None)
+    return match is not None and match.started_at is not None and match.started_at > since
+
+
 def process_gone(hostname: str, since: float, workers: list[WorkerState] | None = None) -> bool:
     """True when no worker process that was running at `since` (epoch seconds) still serves as `hostname`.
 

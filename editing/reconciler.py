@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 KOMBU_PRIORITY_SEPARATOR = "\x06\x16"
 KOMBU_PRIORITY_STEPS = (3, 6, 9)
 KOMBU_UNACKED_KEY = "unacked"
-# A running job silent this long whose worker process is gone is restarted without waiting to go stale.
+# A running job silent this long whose worker has no heartbeat is restarted without waiting to go stale.
 # Three heartbeat lifetimes (workers/heartbeat.py), so a worker that was only slow to publish keeps its job.
 ORPHAN_SILENT_S = 30
 
@@ -208,13 +208,14 @@ def reclaim_orphans(
 ) -> None:
     """Restart (or, when asked to stop, cancel) running jobs whose worker process is gone, before they go stale.
 
-    A worker that stops or restarts mid-job leaves its row `running`. When the job has been silent for
-    ORPHAN_SILENT_S and its worker has no heartbeat, or a heartbeat from a process started after the claim,
-    the job is re-sent as a takeover instead of waiting EDITOR_STALE_RUNNING_S.
+    A worker that stops or restarts mid-job leaves its row `running`. When its worker now has a heartbeat
+    from a process started after the claim (a restart under the same name), the job is re-sent as a
+    takeover at once. When its worker has no heartbeat, that happens once the job has been silent for
+    ORPHAN_SILENT_S. Either way it does not wait EDITOR_STALE_RUNNING_S.
     """
     silent_before = now - timedelta(seconds=ORPHAN_SILENT_S)
     candidates = EditJob.objects.filter(
-        status=JobStatus.RUNNING, updated_at__lt=silent_before, updated_at__gte=stale_before, started_at__isnull=False
+        status=JobStatus.RUNNING, updated_at__gte=stale_before, started_at__isnull=False
     ).exclude(worker="")
     if not candidates.exists():
         return
@@ -222,10 +223,15 @@ def reclaim_orphans(
     if workers is None:
         return  # Redis cannot be read: leave the jobs to the stale rule
     for job in candidates.order_by("created_at"):
-        if not fleet.process_gone(job.worker, job.started_at.timestamp(), workers):
+        claimed_at = job.started_at.timestamp()
+        if fleet.process_restarted(job.worker, claimed_at, workers):
+            quiet_since = now
+        elif job.updated_at < silent_before and fleet.process_gone(job.worker, claimed_at, workers):
+            quiet_since = silent_before
+        else:
             continue
         if job.cancel_requested:
-            if jobstate.cancel_stale(job.pk, silent_before):
+            if jobstate.cancel_stale(job.pk, quiet_since):
                 report.cancelled_stale_jobs.append(str(job.pk))
         elif mark_resent(client, prefix, "job", job.pk, requeue_after_s):
             services.enqueue(job, takeover=True)

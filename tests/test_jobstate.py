@@ -192,3 +192,33 @@ def test_reconciler_leaves_new_claim(job, redis_url, monkeypatch):
 
     assert report.orphaned_jobs == []
     assert sent == []
+
+
+def test_reconciler_restarts_job_of_restarted_worker_at_once(job, redis_url, monkeypatch):
+    import json
+
+    from editing import reconciler, services
+    from editor_site import redis_keys
+
+    sent = []
+    monkeypatch.setattr(services, "enqueue", lambda job, chosen=None, takeover=False: sent.append((job.pk, takeover)))
+    jobstate.claim(job.pk, worker="w1@host")
+    job.refresh_from_db()
+    key = redis_keys.worker_state_key("w1@host")
+    client = redis_keys.client()
+    claimed_at = job.started_at.timestamp()
+    try:
+        # The process that claimed the job still publishes: the job just started, nothing to do.
+        record = {"hostname": "w1@host", "models": ["flux"], "queues": [], "started_at": claimed_at - 60}
+        client.set(key, json.dumps(record), ex=30)
+        still_running = reconciler.reconcile_once(requeue_after_s=60, stale_after_s=600)
+        # A new process of the same name: the job is re-sent without waiting for silence.
+        record["started_at"] = claimed_at + 5
+        client.set(key, json.dumps(record), ex=30)
+        restarted = reconciler.reconcile_once(requeue_after_s=60, stale_after_s=600)
+    finally:
+        client.delete(key)
+
+    assert still_running.orphaned_jobs == []
+    assert restarted.orphaned_jobs == [str(job.pk)]
+    assert sent == [(job.pk, True)]

@@ -69,7 +69,7 @@ def cache_variant(spec: catalog.ModelSpec) -> str:
 def enqueue_warmup(warmup: CacheWarmup, queue: str | None = None, countdown: float | None = None) -> None:
     """Send the warm-up to its model's control queue (or `queue`); a broker failure leaves it queued.
 
-    With `countdown` the worker that receives the message holds it for that many seconds before running it.
+    With `countdown` the worker that receives the message waits that many seconds before running it.
     """
     queue = queue or control_queue(warmup.model or catalog.default_model().name)
     if not celery_app.conf.broker_url:
@@ -84,8 +84,8 @@ def enqueue_warmup(warmup: CacheWarmup, queue: str | None = None, countdown: flo
 def queued_jobs_to_yield_to(warmup: CacheWarmup) -> int:
     """Count the queued edit jobs of the warm-up's model that it should let run first.
 
-    A warm-up only speeds up later jobs, so it waits while edit jobs are queued, up to
-    EDITOR_WARMUP_MAX_DEFER_S after it was requested; after that it runs, so a busy service still warms.
+    A warm-up only speeds up later jobs, so it waits while edit jobs are queued. After
+    EDITOR_WARMUP_MAX_DEFER_S from its request it runs anyway, so a busy service still warms its caches.
     """
     if timezone.now() - warmup.created_at > timedelta(seconds=settings.EDITOR_WARMUP_MAX_DEFER_S):
         return 0

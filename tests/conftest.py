@@ -40,6 +40,35 @@ def stroke_mask(width: int, height: int, *, x0: float = 0.3, x1: float = 0.6, y0
     return mask
 
 
+def template_row(owner, name: str = "t"):
+    """Create a Template row with a placeholder file, for tests that need a row but no real image."""
+    from django.core.files.base import ContentFile
+
+    from editing.models import Template
+
+    template = Template(owner=owner, name=name, width=16, height=16, content_hash="0" * 64)
+    template.image.save("t.png", ContentFile(b"x"), save=False)
+    template.save()
+    return template
+
+
+def job_row(template, *, status: str = "queued", model: str = "flux", result: bool = False):
+    """Create an EditJob row of `template` with a placeholder mask (and result), without sending it."""
+    from django.core.files.base import ContentFile
+
+    from editing.models import EditJob
+
+    job = EditJob(
+        owner=template.owner, template=template, model=model, prompt="p", seed=0, steps=4, guidance=30.0,
+        mask_ratio=0.1, bucket="m10", queue_name=f"edit.{model}.m10", status=status,
+    )
+    job.mask.save("m.png", ContentFile(b"mask"), save=False)
+    if result:
+        job.result.save("r.png", ContentFile(b"result"), save=False)
+    job.save()
+    return job
+
+
 def redis_reachable(url: str) -> bool:
     parsed = urlparse(url)
     try:

@@ -6,25 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from django.core.files.base import ContentFile
 from django.test import Client
 
 from editing import services
 from editing.models import EditJob, JobStatus, Template
+from tests.conftest import job_row
 
 pytestmark = pytest.mark.django_db
 
 
 def make_job(template: Template, status: str) -> EditJob:
-    job = EditJob(
-        owner=template.owner, template=template, prompt="p", seed=0, steps=4, guidance=30.0,
-        mask_ratio=0.1, bucket="m10", queue_name="edit.flux.m10", status=status,
-    )
-    job.mask.save("m.png", ContentFile(b"mask"), save=False)
-    if status == JobStatus.SUCCEEDED:
-        job.result.save("r.png", ContentFile(b"result"), save=False)
-    job.save()
-    return job
+    return job_row(template, status=status, result=status == JobStatus.SUCCEEDED)
 
 
 @pytest.fixture

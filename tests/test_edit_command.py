@@ -111,22 +111,14 @@ def test_edit_waits_through_broker_loss(demo_user, media_root, monkeypatch):
     """A broker that goes away mid-job is reported once; the command still waits for the job's row."""
     from types import SimpleNamespace
 
-    from django.core.files.base import ContentFile
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     from editing import jobstate
     from editing.management.commands import edit
-    from editing.models import EditJob, JobStatus, Template
+    from editing.models import JobStatus
+    from tests.conftest import job_row, template_row
 
-    template = Template(owner=demo_user, name="t", width=16, height=16, content_hash="0" * 64)
-    template.image.save("t.png", ContentFile(b"x"), save=False)
-    template.save()
-    job = EditJob(
-        owner=demo_user, template=template, prompt="p", seed=0, steps=4, guidance=30.0,
-        mask_ratio=0.1, bucket="m10", queue_name="edit.flux.m10",
-    )
-    job.mask.save("m.png", ContentFile(b"x"), save=False)
-    job.save()
+    job = job_row(template_row(demo_user))
     assert jobstate.claim(job.pk, worker="w1")
 
     checks = []

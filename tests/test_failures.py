@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from django.core.files.base import ContentFile
 from django.test import Client
 from django.utils import translation
 
 from editing import jobstate, warmups
 from editing.failures import MESSAGES, Failure, exception_failure, localized_error
-from editing.models import CacheWarmup, EditJob, JobStatus, Template
+from editing.models import CacheWarmup, EditJob, JobStatus
+from tests.conftest import job_row, template_row
 from tests.test_i18n import JAPANESE
 
 pytestmark = pytest.mark.django_db
@@ -27,17 +27,7 @@ SAMPLE_PARAMS = {
 
 @pytest.fixture
 def job(make_user, media_root) -> EditJob:
-    owner = make_user("alice")
-    template = Template(owner=owner, name="t", width=16, height=16, content_hash="0" * 64)
-    template.image.save("t.png", ContentFile(b"x"), save=False)
-    template.save()
-    job = EditJob(
-        owner=owner, template=template, prompt="p", seed=0, steps=4, guidance=30.0,
-        mask_ratio=0.1, bucket="m10", queue_name="edit.flux.m10",
-    )
-    job.mask.save("m.png", ContentFile(b"x"), save=False)
-    job.save()
-    return job
+    return job_row(template_row(make_user("alice")))
 
 
 def test_every_code_translated():

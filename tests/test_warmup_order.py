@@ -6,11 +6,11 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-from django.core.files.base import ContentFile
 from django.utils import timezone
 
 from editing import services, warmups
 from editing.models import CacheWarmup, EditJob, JobStatus
+from tests.conftest import job_row
 
 pytestmark = pytest.mark.django_db
 
@@ -22,13 +22,7 @@ def template(make_user, media_root, settings):
 
 
 def queued_job(template, model: str = "flux") -> EditJob:
-    job = EditJob(
-        owner=template.owner, template=template, model=model, prompt="p", seed=0, steps=4, guidance=30.0,
-        mask_ratio=0.1, bucket="m10", queue_name=f"edit.{model}.m10",
-    )
-    job.mask.save("m.png", ContentFile(b"x"), save=False)
-    job.save()
-    return job
+    return job_row(template, model=model)
 
 
 def queued_warmup(template, model: str = "flux") -> CacheWarmup:

@@ -67,6 +67,10 @@ class JobPrefill:
     model: str = ""
 
 
+# Stands for a job id in URL patterns that the editor's JavaScript fills in.
+JOB_ID_PLACEHOLDER = uuid.UUID(int=0)
+
+
 @dataclass(frozen=True)
 class EditorConfig:
     """Limits and defaults that the editor's JavaScript reads from the page."""
@@ -80,6 +84,7 @@ class EditorConfig:
     max_pixels: int
     templates_url: str
     jobs_url: str
+    job_mask_url: str  # the mask of job {id}
     phases: list[str]  # timing keys in pipeline order
     prefill: JobPrefill | None = None
 
@@ -262,6 +267,7 @@ def browser_messages() -> dict[str, str]:
             "log_in_again": _("Log in (opens a new tab)"),
             "job_lost": _("This job no longer exists, for example because its template was deleted. Start a new edit."),
             "job_lost_status": _("not found"),
+            "active_job_loaded": _("The form shows job %(id)s, which is still running: its mask, prompt and settings."),
             "prompt_count": _("%(count)s / %(max)s"),
             "prompt_at_limit": _("The prompt has reached the limit of %(max)s characters."),
             "request_failed": _("The request failed with HTTP status %(status)s."),
@@ -293,6 +299,7 @@ def editor(request: HttpRequest) -> HttpResponse:
         max_pixels=settings.EDITOR_MAX_PIXELS,
         templates_url=reverse("template-list"),
         jobs_url=reverse("job-list"),
+        job_mask_url=reverse("job-mask", args=[JOB_ID_PLACEHOLDER]).replace(str(JOB_ID_PLACEHOLDER), "{id}"),
         phases=list(PHASE_LABELS),
         prefill=job_prefill(request, request.GET.get("job")),
     )

@@ -697,7 +697,9 @@ def test_reload_shows_active_job(browser, live_server, alice, no_warmups, media_
     upload_template(page, COFFEE)
     coffee = int(page.get_attribute(".gallery-item[aria-pressed=true]", "data-template-id"))
     paint_strokes(page, STROKES, COFFEE_SIZE)
+    painted = mask_coverage_percent(page)
     page.fill("#prompt", ENGLISH.prompt)
+    page.fill("#steps", "7")
     page.click("#job-submit")
     page.wait_for_function("document.getElementById('job-status').textContent === 'queued'")
     upload_file(page, png_file("tiny.png", (64, 64), (20, 120, 200)))
@@ -708,6 +710,12 @@ def test_reload_shows_active_job(browser, live_server, alice, no_warmups, media_
     assert page.inner_text("#job-status") == "queued"
     assert page.is_disabled("#job-submit")
     assert page.get_attribute(".gallery-item[aria-pressed=true]", "data-template-id") == str(coffee)
+    # The form shows what the job edits: its mask, prompt and settings.
+    job_id = newest_job_id()
+    assert mask_coverage_percent(page) == pytest.approx(painted, abs=0.2)
+    assert page.input_value("#prompt") == ENGLISH.prompt
+    assert page.input_value("#steps") == "7"
+    assert page.inner_text("#mask-status") == f"The form shows job {job_id}, which is still running: its mask, prompt and settings."
 
     run_job_to_success(newest_job_id())
     page.wait_for_selector("#result-panel:not([hidden])")

@@ -109,6 +109,10 @@ def test_editor_prefills_own_job(alice_client, coffee_job):
     assert prefill["guidance"] == 12.5
     assert prefill["mask_url"] == f"/jobs/{coffee_job.pk}/mask.png"
     assert ">a blue ceramic cup</textarea>" in html
+    # The notice sits above the panels, so it shows without scrolling.
+    assert html.index('id="prefill-loaded"') < html.index('id="template-panel"')
+    assert f"Loaded job {coffee_job.pk} from the history: its template, mask, prompt and settings." in html
+    assert script_json(html, "editor-config")["job_mask_url"] == "/jobs/{id}/mask.png"
 
 
 @pytest.mark.parametrize("job_param", ["not-a-uuid", str(uuid.uuid4())])
@@ -121,7 +125,9 @@ def test_editor_ignores_unknown_job(alice_client, job_param):
 
 
 def test_editor_without_job_shows_no_notice(alice_client):
-    assert 'id="prefill-missing"' not in alice_client.get("/").content.decode()
+    html = alice_client.get("/").content.decode()
+    assert 'id="prefill-missing"' not in html
+    assert 'id="prefill-loaded"' not in html
 
 
 def test_editor_ignores_other_users_job(make_user, coffee_job):

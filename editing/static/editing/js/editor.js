@@ -502,9 +502,27 @@ async function resumeActiveJob() {
         template = null; // The progress panel still shows, without a selected template.
       }
     }
-    if (template) await selectTemplate(template);
+    if (template) {
+      await selectTemplate(template);
+      await showJobSettings(job);
+    }
   }
   startWatching(job);
+}
+
+/** Fill the form with a job's prompt, settings and mask, so the page shows what the running job edits. */
+async function showJobSettings(job) {
+  $("prompt").value = job.prompt;
+  $("seed").value = job.seed;
+  $("steps").value = job.steps;
+  $("guidance").value = job.guidance;
+  updatePromptCounter();
+  try {
+    await mask.loadMask(config.job_mask_url.replace("{id}", job.id));
+    $("mask-status").textContent = format(messages.active_job_loaded, { id: job.id });
+  } catch {
+    setError($("mask-panel"), $("mask-error"), messages.mask_load_failed);
+  }
 }
 
 // --- Prompt length.

@@ -253,7 +253,7 @@ def browser_messages() -> dict[str, str]:
             "queue_position": _("%(position)s jobs ahead in the queue"),
             "queue_next": _("Next in the queue"),
             "queue_one_ahead": _("1 job ahead in the queue"),
-            "bad_number": _("This is not a number. Enter a number from %(min)s to %(max)s."),
+            "bad_number": _("%(field)s: this is not a number. Enter a number from %(min)s to %(max)s."),
             "step_of": _("Step %(step)s of %(steps)s"),
             "estimating": _("Estimating the time left…"),
             "time_left_seconds": _("About %(seconds)s s left"),

@@ -363,7 +363,7 @@ def test_submit_guards_and_queued_cancel(browser, live_server, alice, no_warmups
     page.click("#job-cancel")  # the job is queued, so it is cancelled at once
     page.wait_for_function("document.getElementById('job-status').textContent === 'cancelled'")
 
-    assert guidance_error == "This is not a number. Enter a number from 0 to 100."
+    assert guidance_error == "Guidance: this is not a number. Enter a number from 0 to 100."
     assert jobs_after_bad_number == 0
     assert jobs_after_double_click == 1
     assert page.inner_text("#job-message") == "The job was cancelled."

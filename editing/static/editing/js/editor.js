@@ -290,8 +290,9 @@ async function submitJob(event) {
     const field = $(name);
     if (field && field.validity && field.validity.badInput) {
       const element = document.querySelector(`[data-error-for="${name}"]`);
+      const label = document.querySelector(`label[for="${name}"]`)?.textContent.trim() || name;
       setError(field.closest(".field") || document.body, element,
-        format(messages.bad_number, { min: field.min, max: field.max }));
+        format(messages.bad_number, { field: label, min: field.min, max: field.max }));
       field.focus();
       return;
     }

@@ -84,8 +84,9 @@ class BoundedFloatField(serializers.FloatField):
             raise serializers.ValidationError(
                 _("%(field)s must be between %(min)s and %(max)s; got %(value)s.")
                 % {
+                    # The value as sent: "-1", not the parsed -1.0.
                     "field": field_label(self.field_name), "min": self.minimum, "max": self.maximum,
-                    "value": echo(value),
+                    "value": echo(str(data).strip()),
                 }
             )
         return value

@@ -430,22 +430,14 @@ def megabytes(size: int) -> str:
     return f"{size / 2**20:.1f} MB"
 
 
-def downscaled_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
-    """Return the largest size with the same aspect ratio and at most `max_pixels` pixels."""
-    scale = math.sqrt(max_pixels / (width * height))
-    new_width, new_height = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
-    while new_width * new_height > max_pixels:
-        new_width, new_height = new_width - 1, max(1, new_height - 1)
-    return new_width, new_height
-
-
 def _too_many_pixels(field: str, size: tuple[int, int] | None, limit: int) -> ImageRuleError:
     if size is None:
         message = _(
             "The %(field)s has more than %(limit)d pixels. Downscale it to at most %(limit)d pixels and upload it again."
         ) % {"field": _field_label(field), "limit": limit}
     else:
-        target = downscaled_size(size[0], size[1], limit)
+        # The largest size with the same aspect ratio within the limit: nothing is padded at multiple 1.
+        target = fit_working_size(size[0], size[1], limit, multiple=1)
         message = _(
             "The %(field)s is %(width)dx%(height)d = %(pixels)d pixels, above the limit of %(limit)d pixels. "
             "Downscale it, for example to %(target_width)dx%(target_height)d, and upload it again."

@@ -148,20 +148,19 @@ def record_inline_warmup(
     )
 
 
+def valid_warmups():
+    """Return the successful warm-ups whose caches were not dropped: each vouches for its cache entry."""
+    return CacheWarmup.objects.filter(status=JobStatus.SUCCEEDED, dropped_at__isnull=True)
+
+
 def cache_is_valid(cache_key: str) -> bool:
     """True while a successful, not dropped warm-up vouches for this cache entry."""
-    return CacheWarmup.objects.filter(
-        cache_key=cache_key, status=JobStatus.SUCCEEDED, dropped_at__isnull=True
-    ).exists()
+    return valid_warmups().filter(cache_key=cache_key).exists()
 
 
 def vouched_cache_bytes(cache_key: str) -> int | None:
     """Return the size a valid warm-up recorded for this cache entry, or None when none vouches for it."""
-    warmup = (
-        CacheWarmup.objects.filter(cache_key=cache_key, status=JobStatus.SUCCEEDED, dropped_at__isnull=True)
-        .order_by("-finished_at")
-        .first()
-    )
+    warmup = valid_warmups().filter(cache_key=cache_key).order_by("-finished_at").first()
     return None if warmup is None else int(warmup.cache_bytes or 0)
 
 
@@ -171,10 +170,9 @@ def drop_cache(template: Template) -> int:
     Templates with the same image content share cache entries, so the warm-ups of other templates that vouch
     for the same keys are dropped too. Returns the number of warm-ups whose caches were dropped.
     """
-    valid = CacheWarmup.objects.filter(status=JobStatus.SUCCEEDED, dropped_at__isnull=True)
     keys = list(
         template.warmups.filter(status=JobStatus.SUCCEEDED).exclude(cache_key="").values_list("cache_key", flat=True)
     )
-    dropped = valid.filter(Q(template=template) | Q(cache_key__in=keys)).update(dropped_at=timezone.now())
+    dropped = valid_warmups().filter(Q(template=template) | Q(cache_key__in=keys)).update(dropped_at=timezone.now())
     logger.info("cache of template %s dropped (%d warm-ups)", template.pk, dropped)
     return dropped

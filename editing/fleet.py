@@ -79,7 +79,6 @@ def process_gone(hostname: str, since: float, workers: list[WorkerState] | None 
     workers = live_workers() if workers is None else workers
     if workers is None:
         return False
-    match = next((worker for worker in workers if worker.hostname == hostname), None)
-    if match is None:
+    if all(worker.hostname != hostname for worker in workers):
         return True
-    return match.started_at is not None and match.started_at > since
+    return process_restarted(hostname, since, workers)

@@ -243,14 +243,14 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destro
     def destroy(self, request: Request, pk: str | None = None) -> Response:
         """Delete a finished job with its mask and result."""
         job = self.get_object()
-        with transaction.atomic():
-            if EditJob.objects.filter(pk=job.pk, status__in=ACTIVE_STATUSES).exists():
-                return Response(
-                    {"detail": _("Job %(id)s is %(status)s; cancel it first (POST /api/jobs/%(id)s/cancel/), then "
-                                 "delete it.") % {"id": job.pk, "status": job.status}},
-                    status=status.HTTP_409_CONFLICT,
-                )
-            job.delete()
+        # A final job never becomes active again, so the status just read decides.
+        if not job.is_final:
+            return Response(
+                {"detail": _("Job %(id)s is %(status)s; cancel it first (POST /api/jobs/%(id)s/cancel/), then "
+                             "delete it.") % {"id": job.pk, "status": job.status}},
+                status=status.HTTP_409_CONFLICT,
+            )
+        job.delete()
         return Response(status=status.HTTP_204_NO_CONTENT)
 
     @extend_schema(request=None, responses={200: JobSerializer, 409: OpenApiResponse(description="Already finished")})

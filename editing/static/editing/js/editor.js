@@ -447,20 +447,34 @@ async function cancelJob() {
 // --- Re-run of an earlier job from the history page.
 
 async function applyPrefill(prefill) {
-  let template = state.templates.get(prefill.template_id);
+  const template = await templateById(prefill.template_id);
   if (!template) {
-    try {
-      template = await request("GET", `${config.templates_url}${prefill.template_id}/`);
-      addTemplate(template, true);
-    } catch {
-      setError($("template-panel"), $("template-error"), format(messages.template_missing, { id: prefill.template_id }));
-      return;
-    }
+    setError($("template-panel"), $("template-error"), format(messages.template_missing, { id: prefill.template_id }));
+    return;
   }
   await selectTemplate(template);
+  await loadJobMask(prefill.mask_url, messages.mask_loaded);
+}
+
+/** Return a template of the user from the gallery, or fetch it into the gallery; null when it is gone. */
+async function templateById(id) {
+  let template = state.templates.get(id);
+  if (!template) {
+    try {
+      template = await request("GET", `${config.templates_url}${id}/`);
+      addTemplate(template, true);
+    } catch {
+      return null;
+    }
+  }
+  return template;
+}
+
+/** Load an earlier job's mask into the canvas and say so under it. */
+async function loadJobMask(url, statusText) {
   try {
-    await mask.loadMask(prefill.mask_url);
-    $("mask-status").textContent = messages.mask_loaded;
+    await mask.loadMask(url);
+    $("mask-status").textContent = statusText;
   } catch {
     setError($("mask-panel"), $("mask-error"), messages.mask_load_failed);
   }
@@ -494,15 +508,8 @@ async function resumeActiveJob() {
   }
   if (!job) return;
   if (!config.prefill && !state.template) {
-    let template = state.templates.get(job.template);
-    if (!template) {
-      try {
-        template = await request("GET", `${config.templates_url}${job.template}/`);
-        addTemplate(template, true);
-      } catch {
-        template = null; // The progress panel still shows, without a selected template.
-      }
-    }
+    // Without its template the progress panel still shows, with nothing selected.
+    const template = await templateById(job.template);
     if (template) {
       await selectTemplate(template);
       await showJobSettings(job);
@@ -518,12 +525,7 @@ async function showJobSettings(job) {
   $("steps").value = job.steps;
   $("guidance").value = job.guidance;
   updatePromptCounter();
-  try {
-    await mask.loadMask(config.job_mask_url.replace("{id}", job.id));
-    $("mask-status").textContent = format(messages.active_job_loaded, { id: job.id });
-  } catch {
-    setError($("mask-panel"), $("mask-error"), messages.mask_load_failed);
-  }
+  await loadJobMask(config.job_mask_url.replace("{id}", job.id), format(messages.active_job_loaded, { id: job.id }));
 }
 
 // --- Prompt length.

@@ -521,6 +521,10 @@ def upload_file(page, file: dict) -> int:
     return int(page.get_attribute(selected, "data-template-id"))
 
 
+def selected_template_id(page) -> int:
+    return int(page.get_attribute(".gallery-item[aria-pressed=true]", "data-template-id"))
+
+
 def select_template(page, template_id: int) -> None:
     page.click(f".gallery-item[data-template-id='{template_id}']")
     page.wait_for_selector(f".gallery-item[data-template-id='{template_id}'][aria-pressed=true]")
@@ -555,7 +559,7 @@ def test_templates_keep_masks_fit_and_prompt_counter(browser, live_server, alice
     page, errors = new_page(browser, ENGLISH)
     log_in(page, live_server.url, "alice", "pw-alice")
     upload_template(page, COFFEE)
-    coffee = int(page.get_attribute(".gallery-item[aria-pressed=true]", "data-template-id"))
+    coffee = selected_template_id(page)
     paint_strokes(page, STROKES, COFFEE_SIZE)
     painted = mask_coverage_percent(page)
     assert painted > 0
@@ -617,7 +621,7 @@ def test_job_panel_follows_its_own_job(browser, live_server, alice, no_warmups, 
     page, errors = new_page(browser, ENGLISH)
     log_in(page, live_server.url, "alice", "pw-alice")
     upload_template(page, COFFEE)
-    coffee = int(page.get_attribute(".gallery-item[aria-pressed=true]", "data-template-id"))
+    coffee = selected_template_id(page)
     tiny = upload_file(page, png_file("tiny.png", (64, 64), (20, 120, 200)))
     select_template(page, coffee)
     paint_strokes(page, STROKES, COFFEE_SIZE)
@@ -695,7 +699,7 @@ def test_reload_shows_active_job(browser, live_server, alice, no_warmups, media_
     page, errors = new_page(browser, ENGLISH)
     log_in(page, live_server.url, "alice", "pw-alice")
     upload_template(page, COFFEE)
-    coffee = int(page.get_attribute(".gallery-item[aria-pressed=true]", "data-template-id"))
+    coffee = selected_template_id(page)
     paint_strokes(page, STROKES, COFFEE_SIZE)
     painted = mask_coverage_percent(page)
     page.fill("#prompt", ENGLISH.prompt)

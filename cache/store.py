@@ -155,7 +155,7 @@ class ActivationStore:
         return entry
 
     def record_miss(self) -> None:
-        """Count a lookup that the caller answered as a miss without reading the store (a dropped entry)."""
+        """Count as a miss a lookup that the caller skipped without reading the store, as for a dropped entry."""
         self._count_miss()
 
     def _count_miss(self) -> None:

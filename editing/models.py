@@ -143,7 +143,7 @@ class EditJob(models.Model):
 
     @property
     def error_text(self) -> str:
-        """Why the job failed, in the active language."""
+        """The reason the job failed, in the active language."""
         return localized_error(self.error, self.error_code, self.error_params)
 
     @property
@@ -210,5 +210,5 @@ class CacheWarmup(models.Model):
 
     @property
     def error_text(self) -> str:
-        """Why the warm-up failed, in the active language."""
+        """The reason the warm-up failed, in the active language."""
         return localized_error(self.error, self.error_code, self.error_params)

@@ -69,7 +69,7 @@ def test_rollback_keeps_files(template, django_capture_on_commit_callbacks):
     assert all(path_exists(path) for path in paths)
 
 
-def test_admin_refuses_template_with_active_job(template, admin_user):
+def test_admin_rejects_template_with_active_job(template, admin_user):
     running = make_job(template, JobStatus.RUNNING)
     admin = Client()
     admin.force_login(admin_user)
@@ -110,13 +110,13 @@ def test_api_deletes_finished_job_only(template, api_client_for, django_capture_
     owner.force_authenticate(template.owner)
     stranger = api_client_for("carol")
 
-    refused = owner.delete(f"/api/jobs/{running.pk}/")
+    rejected = owner.delete(f"/api/jobs/{running.pk}/")
     hidden = stranger.delete(f"/api/jobs/{finished.pk}/")
     with django_capture_on_commit_callbacks(execute=True):
         deleted = owner.delete(f"/api/jobs/{finished.pk}/")
 
-    assert refused.status_code == 409
-    assert refused.json()["detail"] == (
+    assert rejected.status_code == 409
+    assert rejected.json()["detail"] == (
         f"Job {running.pk} is running; cancel it first (POST /api/jobs/{running.pk}/cancel/), then delete it."
     )
     assert hidden.status_code == 404

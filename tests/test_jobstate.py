@@ -194,7 +194,7 @@ def test_reconciler_leaves_new_claim(job, redis_url, monkeypatch):
     assert sent == []
 
 
-def test_reconciler_restarts_job_of_restarted_worker_at_once(job, redis_url, monkeypatch):
+def test_restarted_worker_job_resent_at_once(job, redis_url, monkeypatch):
     import json
 
     from editing import reconciler, services

@@ -352,7 +352,7 @@ def test_admin_cancel_action_cancels_queued_job(staff_client, coffee_job):
     )
 
 
-def test_admin_job_list_mask_percent_and_outcome_filter(staff_client, coffee_job):
+def test_admin_job_list_percent_and_filter(staff_client, coffee_job):
     EditJob.objects.filter(pk=coffee_job.pk).update(mask_ratio=0.13157894736842105)
     html = staff_client.get("/admin/editing/editjob/").content.decode()
     assert '<td class="field-mask_percent">13.2%</td>' in html

@@ -58,7 +58,7 @@ def test_worker_sends_deferred_warmup_back(template, settings, monkeypatch):
     queued_job(template)
     sent = []
     monkeypatch.setattr(warmups, "enqueue_warmup", lambda row, queue=None, countdown=None: sent.append((row.pk, countdown)))
-    # The test's transaction holds the connection that a worker would close between tasks.
+    # The test's transaction keeps open the connection that a worker would close between tasks.
     monkeypatch.setattr(execution, "close_old_connections", lambda: None)
 
     execution.execute_warmup(warmup.pk, worker="w1")

@@ -19,7 +19,7 @@ from editor_site.celery import app as celery_app
 
 POLL_INTERVAL_S = 0.5
 WORKER_CHECK_INTERVAL_S = 15.0
-# What asking the workers raises when the broker is down or restarted on another port.
+# Errors from asking the workers for their queues while the broker is down or moved to another port.
 BROKER_ERRORS = (OSError, RedisError, OperationalError)
 
 
@@ -141,7 +141,7 @@ class Command(BaseCommand):
             if job.status == JobStatus.QUEUED:
                 line += f" ({services.queue_position(job)} ahead)"
             if line != last_line:
-                # A terminal shows one line that updates in place; a pipe or file gets one line per change.
+                # A terminal shows one line that updates in place, and a pipe or file gets one line per change.
                 if terminal:
                     self.stdout.write(f"\r{line}", ending="")
                     self.stdout.flush()

@@ -10,6 +10,7 @@ from PIL import Image
 
 from workers.masked.activations import BlockActivations, BlockCacheSource, TemplateActivations
 from workers.masked.conditioning import PromptEmbedding, embedding_from_tensors
+from workers.masked import inference
 from workers.masked.inference import denoise_masked, prepare_masked_inputs
 from workers.masked.token_layout import TokenLayout
 from workers.masked.warmup import warm_up_template
@@ -297,3 +298,29 @@ def test_masked_run_restores_processors_and_hooks(pipe, embedding, cache, full_p
     assert all(after[name] is processor for name, processor in before.items())
     assert all(not block._forward_pre_hooks for block in blocks)
     assert not pipe.transformer._forward_pre_hooks
+
+
+def test_masked_run_restores_step_level_modules(pipe, embedding, cache) -> None:
+    transformer = pipe.transformer
+    before = dict(transformer.named_modules())
+    identical_content_latents(pipe, cache["kv"], embedding, rectangle_token_mask(2, 2))
+
+    assert dict(transformer.named_modules()) == before
+
+
+@pytest.mark.parametrize("variant", ["kv", "hidden"])
+def test_step_tables_serve_the_current_step(pipe, embedding, cache, variant, monkeypatch) -> None:
+    """Tables built from the timesteps in reverse order give another result: the loop reads the tables."""
+    activations = cache[variant]
+    token_mask = rectangle_token_mask(2, 2)
+    exact = identical_content_latents(pipe, activations, embedding, token_mask)
+    build_tables = inference.step_tables
+
+    def reversed_tables(transformer, cursor, timesteps, *args):
+        return build_tables(transformer, cursor, timesteps.flip(0), *args)
+
+    monkeypatch.setattr(inference, "step_tables", reversed_tables)
+    wrong = identical_content_latents(pipe, activations, embedding, token_mask)
+
+    assert masked_relative_difference(exact, activations.latents[-1], token_mask) < TOLERANCE
+    assert masked_relative_difference(wrong, activations.latents[-1], token_mask) > 100 * TOLERANCE

@@ -21,6 +21,7 @@ from workers.masked.conditioning import (
     skip_initial_draws,
 )
 from workers.masked.processors import CachedFluxAttnProcessor, RotaryEmbedding, StepCursor, UnmaskedTokens
+from workers.masked.step_tables import step_tables
 from workers.masked.token_layout import TokenLayout
 from workers.masked.transformer_blocks import blocks_in_order, swap_attention_processors
 
@@ -182,23 +183,23 @@ def _denoise_masked_tokens(
         hooks = _install_token_gather(blocks, full_prefix_blocks, masked, masked_rotary)
 
     latents = trajectory[0].index_select(0, masked).unsqueeze(0)
+    ids = masked_ids if full_prefix_blocks == 0 else image_ids
     original = swap_attention_processors(transformer, processors)
     try:
-        for index, t in enumerate(timesteps):
-            cursor.step = index
-            if full_prefix_blocks == 0:
-                hidden_states = torch.cat((latents, masked_conditioning), dim=2)
-                ids = masked_ids
-            else:
-                # Prefix blocks need every token: unmasked latents follow the cached template trajectory.
-                all_latents = trajectory[index].clone().unsqueeze(0)
-                all_latents[:, masked] = latents
-                hidden_states = torch.cat((all_latents, inputs.conditioning), dim=2)
-                ids = image_ids
-            noise_pred = predict_noise(transformer, hidden_states, t, guidance, embedding, ids)
-            latents = pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            if on_step is not None:
-                on_step(index + 1, inputs.steps)
+        with step_tables(transformer, cursor, timesteps, guidance, embedding, ids):
+            for index, t in enumerate(timesteps):
+                cursor.step = index
+                if full_prefix_blocks == 0:
+                    hidden_states = torch.cat((latents, masked_conditioning), dim=2)
+                else:
+                    # Prefix blocks need every token: unmasked latents follow the cached template trajectory.
+                    all_latents = trajectory[index].clone().unsqueeze(0)
+                    all_latents[:, masked] = latents
+                    hidden_states = torch.cat((all_latents, inputs.conditioning), dim=2)
+                noise_pred = predict_noise(transformer, hidden_states, t, guidance, embedding, ids)
+                latents = pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if on_step is not None:
+                    on_step(index + 1, inputs.steps)
     finally:
         for hook in hooks:
             hook.remove()

@@ -221,6 +221,11 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
     return ((weighted + 32768) >> 16).astype(np.uint8)
 
 
+# zlib level for stored PNGs. On a 512x512 photo level 1 takes 22 ms against 71 ms for Pillow's default 6, for a
+# file about 9% larger; results are written once per edit, on the request's critical path.
+PNG_COMPRESS_LEVEL = 1
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """Encode an (H, W, 3) uint8 image or an (H, W) bool/uint8 mask as PNG bytes."""
     if image.ndim == 2 and image.dtype == np.bool_:
@@ -232,7 +237,7 @@ def encode_png(image: np.ndarray) -> bytes:
             f"image has shape {image.shape} and dtype {image.dtype}; pass (H, W, 3) uint8 or (H, W) bool/uint8"
         )
     buffer = io.BytesIO()
-    pil.save(buffer, format="PNG")
+    pil.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
 
 

@@ -56,7 +56,7 @@ class Template(models.Model):
         verbose_name_plural = _("templates")
 
     def __str__(self) -> str:
-        return f"{self.name} ({self.width}x{self.height})"
+        return f"{self.name} ({self.width}×{self.height})"
 
 
 class JobStatus(models.TextChoices):

@@ -159,7 +159,7 @@ def check_template_shape(width: int, height: int) -> None:
             "image",
             CODE_BAD_SHAPE,
             _(
-                "The image is %(width)dx%(height)d pixels; its shorter side must be at least %(minimum)d pixels. "
+                "The image is %(width)d×%(height)d pixels; its shorter side must be at least %(minimum)d pixels. "
                 "Upload a larger image."
             ) % {"width": width, "height": height, "minimum": MIN_TEMPLATE_SIDE},
         )
@@ -168,7 +168,7 @@ def check_template_shape(width: int, height: int) -> None:
             "image",
             CODE_BAD_SHAPE,
             _(
-                "The image is %(width)dx%(height)d pixels; its longer side may be at most %(ratio)d times "
+                "The image is %(width)d×%(height)d pixels; its longer side may be at most %(ratio)d times "
                 "its shorter side. Crop it to a less elongated shape."
             ) % {"width": width, "height": height, "ratio": MAX_ASPECT_RATIO},
         )
@@ -188,8 +188,8 @@ def read_mask(data: bytes | BinaryIO, *, size: tuple[int, int], max_pixels: int,
             "mask",
             CODE_MASK_SIZE_MISMATCH,
             _(
-                "The mask is %(mask_w)dx%(mask_h)d pixels but the image is %(image_w)dx%(image_h)d pixels "
-                "(width x height, after EXIF rotation). Export the mask at the image's size."
+                "The mask is %(mask_w)d×%(mask_h)d pixels but the image is %(image_w)d×%(image_h)d pixels "
+                "(width × height, after EXIF rotation). Export the mask at the image's size."
             )
             % {"mask_w": image.width, "mask_h": image.height, "image_w": size[0], "image_h": size[1]},
         )
@@ -444,8 +444,8 @@ def _too_many_pixels(field: str, size: tuple[int, int] | None, limit: int) -> Im
         # The largest size with the same aspect ratio within the limit: nothing is padded at multiple 1.
         target = fit_working_size(size[0], size[1], limit, multiple=1)
         message = _(
-            "The %(field)s is %(width)dx%(height)d = %(pixels)d pixels, above the limit of %(limit)d pixels. "
-            "Downscale it, for example to %(target_width)dx%(target_height)d, and upload it again."
+            "The %(field)s is %(width)d×%(height)d = %(pixels)d pixels, above the limit of %(limit)d pixels. "
+            "Downscale it, for example to %(target_width)d×%(target_height)d, and upload it again."
         ) % {
             "field": _field_label(field), "width": size[0], "height": size[1], "pixels": size[0] * size[1],
             "limit": limit, "target_width": target[0], "target_height": target[1],

@@ -2,6 +2,8 @@
 
 A transition returns ``True`` when it moved the job and ``False`` when the job was not in the expected
 state; losing such a race is normal (a cancelled job, a redelivered message) and never an error.
+A transition to ``cancelled`` also decrements the use count of the job's template, in the same database
+transaction.
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
+from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
 from editing.failures import Failure
-from editing.models import EditJob, JobStatus
+from editing.models import EditJob, JobStatus, Template
 
 
 def claim(
@@ -90,6 +93,12 @@ def fail(job_id: uuid.UUID | str, *, failure: Failure, timings: dict[str, float]
     return updated == 1
 
 
+def _decrement_use_count(job_id: uuid.UUID | str) -> None:
+    """Decrement the use count of a just-cancelled job's template, so that it counts jobs not cancelled."""
+    Template.objects.filter(jobs__pk=job_id, use_count__gt=0).update(use_count=F("use_count") - 1)
+
+
+@transaction.atomic
 def cancel_queued(job_id: uuid.UUID | str) -> bool:
     updated = EditJob.objects.filter(pk=job_id, status=JobStatus.QUEUED).update(
         status=JobStatus.CANCELLED,
@@ -97,6 +106,8 @@ def cancel_queued(job_id: uuid.UUID | str) -> bool:
         finished_at=timezone.now(),
         updated_at=timezone.now(),
     )
+    if updated:
+        _decrement_use_count(job_id)
     return updated == 1
 
 
@@ -108,6 +119,7 @@ def request_cancel_running(job_id: uuid.UUID | str) -> bool:
     return updated == 1
 
 
+@transaction.atomic
 def cancel_stale(job_id: uuid.UUID | str, silent_before: datetime) -> bool:
     """Cancel a running job that was asked to stop but has reported nothing since `silent_before`.
 
@@ -116,13 +128,18 @@ def cancel_stale(job_id: uuid.UUID | str, silent_before: datetime) -> bool:
     updated = EditJob.objects.filter(
         pk=job_id, status=JobStatus.RUNNING, cancel_requested=True, updated_at__lt=silent_before
     ).update(status=JobStatus.CANCELLED, finished_at=timezone.now(), updated_at=timezone.now())
+    if updated:
+        _decrement_use_count(job_id)
     return updated == 1
 
 
+@transaction.atomic
 def finish_cancelled(job_id: uuid.UUID | str) -> bool:
     updated = EditJob.objects.filter(pk=job_id, status=JobStatus.RUNNING).update(
         status=JobStatus.CANCELLED, finished_at=timezone.now(), updated_at=timezone.now()
     )
+    if updated:
+        _decrement_use_count(job_id)
     return updated == 1
 
 

@@ -46,7 +46,10 @@ class Template(models.Model):
     content_hash = models.CharField(_("content hash"), max_length=64, db_index=True)
     # Name of the model (an EDITOR_MODELS entry) that jobs on this template use unless they name one.
     model = models.CharField(_("model"), max_length=32, blank=True, default="")
-    use_count = models.PositiveIntegerField(_("use count"), default=0)
+    # Incremented when a job is submitted and decremented when it is cancelled (editing.jobstate).
+    use_count = models.PositiveIntegerField(
+        _("use count"), default=0, help_text=_("Edit jobs submitted on this template, not counting cancelled ones.")
+    )
     created_at = models.DateTimeField(_("created at"), auto_now_add=True)
     updated_at = models.DateTimeField(_("updated at"), auto_now=True)
 
@@ -56,7 +59,7 @@ class Template(models.Model):
         verbose_name_plural = _("templates")
 
     def __str__(self) -> str:
-        return f"{self.name} ({self.width}x{self.height})"
+        return f"{self.name} ({self.width}×{self.height})"
 
 
 class JobStatus(models.TextChoices):

@@ -18,7 +18,7 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.utils.text import capfirst
 from django.utils.translation import gettext as _
-from django.utils.translation import gettext_lazy
+from django.utils.translation import gettext_lazy, ngettext
 
 from editing import catalog
 from editing.api.serializers import JobSerializer
@@ -226,6 +226,13 @@ def job_prefill(request: HttpRequest, job_id: str | None) -> JobPrefill | None:
     )
 
 
+def other_active_jobs_message(count: int) -> str:
+    """Return the notice about queued or running jobs besides the one in the progress panel, unformatted."""
+    return ngettext(
+        "%(count)s more job is queued or running.", "%(count)s more jobs are queued or running.", count
+    )
+
+
 def browser_messages() -> dict[str, str]:
     """Translated strings used by the editor's JavaScript; %(name)s placeholders are filled there."""
     messages = {
@@ -268,6 +275,10 @@ def browser_messages() -> dict[str, str]:
             "job_lost": _("This job no longer exists, for example because its template was deleted. Start a new edit."),
             "job_lost_status": _("not found"),
             "active_job_loaded": _("The form shows job %(id)s, which is still running: its mask, prompt and settings."),
+            # The script picks the first form for a count of 1 and the second for other counts, which is the
+            # plural rule of English; Japanese has one form for every count.
+            "other_active_jobs_one": other_active_jobs_message(1),
+            "other_active_jobs_other": other_active_jobs_message(2),
             "prompt_count": _("%(count)s / %(max)s"),
             "prompt_at_limit": _("The prompt has reached the limit of %(max)s characters."),
             "request_failed": _("The request failed with HTTP status %(status)s."),

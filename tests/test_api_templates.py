@@ -84,8 +84,8 @@ def test_pixel_limit_message_suggests_size(api_client_for, media_root, settings)
 
     assert response.status_code == 400
     assert response.json()["image"] == [
-        "The image is 300x150 = 45000 pixels, above the limit of 10000 pixels. Downscale it, for example to "
-        "141x70, and upload it again."
+        "The image is 300×150 = 45000 pixels, above the limit of 10000 pixels. Downscale it, for example to "
+        "141×70, and upload it again."
     ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -550,6 +551,28 @@ def newest_job_id() -> str:
     return str(EditJob.objects.order_by("-created_at").values_list("pk", flat=True).first())
 
 
+def newest_job_id_with_status(status: str) -> str:
+    from editing.models import EditJob
+
+    return str(EditJob.objects.filter(status=status).order_by("-created_at").values_list("pk", flat=True).first())
+
+
+def add_older_job(job_id: str, *, minutes_earlier: int, running: bool) -> str:
+    """Copy a job as one submitted `minutes_earlier` before it, queued or claimed by a worker; return its id."""
+    from datetime import timedelta
+
+    from editing import jobstate
+    from editing.models import EditJob
+
+    job = EditJob.objects.get(pk=job_id)
+    job.pk = uuid.uuid4()
+    job.save(force_insert=True)
+    EditJob.objects.filter(pk=job.pk).update(created_at=job.created_at - timedelta(minutes=minutes_earlier))
+    if running:
+        assert jobstate.claim(job.pk, worker="test-worker")
+    return str(job.pk)
+
+
 def http_errors_except(errors: list[str], *statuses: int) -> list[str]:
     """Console errors other than the browser's reports of the expected HTTP statuses."""
     return [error for error in errors if not any(f"status of {status}" in error for status in statuses)]
@@ -707,11 +730,20 @@ def test_reload_shows_active_job(browser, live_server, alice, no_warmups, media_
     page.click("#job-submit")
     page.wait_for_function("document.getElementById('job-status').textContent === 'queued'")
     upload_file(page, png_file("tiny.png", (64, 64), (20, 120, 200)))
+    assert page.is_hidden("#job-others")
+    # Two more active jobs, submitted earlier from elsewhere (another tab or the API).
+    newest = newest_job_id()
+    add_older_job(newest, minutes_earlier=2, running=True)
+    add_older_job(newest, minutes_earlier=1, running=False)
 
     page.reload()
     page.wait_for_selector("body[data-editor-ready=true]")
     assert page.is_visible("#job-panel")
     assert page.inner_text("#job-status") == "queued"
+    # The panel follows the newest job and names how many more there are, with a link to the history.
+    assert page.is_visible("#job-others")
+    assert page.inner_text("#job-others-text") == "2 more jobs are queued or running."
+    assert page.get_attribute("#job-others-link", "href") == "/history/"
     assert page.is_disabled("#job-submit")
     assert page.get_attribute(".gallery-item[aria-pressed=true]", "data-template-id") == str(coffee)
     # The form shows what the job edits: its mask, prompt and settings.
@@ -721,11 +753,38 @@ def test_reload_shows_active_job(browser, live_server, alice, no_warmups, media_
     assert page.input_value("#steps") == "7"
     assert page.inner_text("#mask-status") == f"The form shows job {job_id}, which is still running: its mask, prompt and settings."
 
-    run_job_to_success(newest_job_id())
+    run_job_to_success(job_id)
     page.wait_for_selector("#result-panel:not([hidden])")
     assert page.inner_text("#job-status") == "succeeded"
     assert page.is_enabled("#job-submit")
+    # The finished job is no longer counted among the active ones; the two others still are.
+    page.wait_for_function("document.getElementById('job-others-text').textContent.startsWith('2 more jobs')")
+
+    # A reload follows the newest remaining job, the queued one, and names the running one.
+    page.reload()
+    page.wait_for_selector("body[data-editor-ready=true]")
+    assert page.inner_text("#job-status") == "queued"
+    assert page.inner_text("#job-others-text") == "1 more job is queued or running."
+
+    # The same notice in Japanese.
+    japanese, japanese_errors = new_page(browser, JAPANESE)
+    log_in(japanese, live_server.url, "alice", "pw-alice")
+    assert japanese.is_visible("#job-others")
+    assert japanese.inner_text("#job-others-text") == "ほかに 1 件のジョブが待機中または実行中です。"
+    assert japanese.inner_text("#job-others-link") == "履歴を開く"
+    japanese.locator("#job-panel").screenshot(path=str(LAYOUT_SCREENSHOTS / "job-panel-other-jobs-ja.png"))
+
+    # With the queued job cancelled, only the running one is left: it fills the panel and no notice shows.
+    from editing import jobstate
+
+    assert jobstate.cancel_queued(newest_job_id_with_status("queued"))
+    page.wait_for_function("document.getElementById('job-status').textContent === 'cancelled'")
+    page.reload()
+    page.wait_for_selector("body[data-editor-ready=true]")
+    assert page.inner_text("#job-status") == "running"
+    assert page.is_hidden("#job-others")
     assert errors == []
+    assert japanese_errors == []
 
 
 def test_session_end_and_new_login(browser, live_server, alice, no_warmups, media_root, jobs_not_sent):

@@ -1,4 +1,4 @@
-"""Production settings: DEBUG off requires SECRET_KEY and ALLOWED_HOSTS, and `check --deploy` is clean."""
+"""Production settings: DEBUG off requires SECRET_KEY, and ALLOWED_HOSTS for the web server; `check --deploy` is clean."""
 
 from __future__ import annotations
 
@@ -67,11 +67,27 @@ def test_missing_secret_key_stops_startup(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_missing_allowed_hosts_stops_startup(tmp_path):
-    result = run([sys.executable, "manage.py", "check"], production_env(tmp_path, ALLOWED_HOSTS=""))
+def test_missing_allowed_hosts_stops_web_server(tmp_path):
+    # gunicorn imports editor_site.wsgi to start serving.
+    result = run([sys.executable, "-c", "import editor_site.wsgi"], production_env(tmp_path, ALLOWED_HOSTS=""))
 
     assert result.returncode != 0
     assert "ALLOWED_HOSTS is not set" in result.stderr
+
+
+def test_missing_allowed_hosts_fails_deploy_check(tmp_path):
+    env = production_env(tmp_path, ALLOWED_HOSTS="")
+    result = run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"], env)
+
+    assert result.returncode != 0
+    assert "ALLOWED_HOSTS must not be empty" in result.stdout + result.stderr
+
+
+def test_commands_run_without_allowed_hosts(tmp_path):
+    # Workers and commands such as `edit` serve no HTTP, so only the web server needs ALLOWED_HOSTS.
+    result = run([sys.executable, "manage.py", "check"], production_env(tmp_path, ALLOWED_HOSTS=""))
+
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_soft_limit_above_hard_limit_stops_startup(tmp_path):

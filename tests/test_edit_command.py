@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import secrets
+import subprocess
+import sys
 from io import StringIO
 
 import numpy as np
@@ -11,7 +14,7 @@ from django.core.management.base import CommandError
 from PIL import Image
 
 from editing import imaging
-from tests.conftest import PHOTOS, png_bytes, stroke_mask
+from tests.conftest import PHOTOS, ROOT, png_bytes, stroke_mask
 
 
 @pytest.fixture
@@ -42,6 +45,25 @@ def test_edit_writes_result(celery_worker_process, demo_user, mask_file, tmp_pat
     assert np.array_equal(result[outside], original[outside])
     assert "Wrote" in stdout.getvalue()
     assert "succeeded: 100.0%" in stdout.getvalue()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_edit_runs_without_debug_or_allowed_hosts(celery_worker_process, worker_env, demo_user, mask_file, tmp_path):
+    """The command line, with production settings that name no host: only the web server needs ALLOWED_HOSTS."""
+    env = {key: value for key, value in worker_env.items() if key not in ("DEBUG", "ALLOWED_HOSTS")}
+    env.update({"SECRET_KEY": secrets.token_urlsafe(64), "EDITOR_WARMUP_ON_CREATE": "0"})
+    out = tmp_path / "edited.png"
+    command = [
+        sys.executable, "manage.py", "edit", "--image", str(PHOTOS / "coffee.png"), "--mask", str(mask_file),
+        "--prompt", "a blue cup", "--out", str(out), "--steps", "2",
+    ]
+
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ALLOWED_HOSTS" not in result.stderr
+    assert "Wrote" in result.stdout
+    assert Image.open(out).size == (600, 400)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -91,9 +91,9 @@ TEMPLATE_CASES = [
     ("strip 1x100000", png_bytes(np.zeros((100000, 1, 3), dtype=np.uint8)), "100000"),
     ("bomb header", png_claiming_size(100000, 100000), "16777216 pixels"),
     ("bomb just over limit", png_claiming_size(4097, 4096), "4097"),
-    ("one pixel", png_bytes(np.zeros((1, 1, 3), dtype=np.uint8)), "1x1 pixels; its shorter side must be at least 64"),
+    ("one pixel", png_bytes(np.zeros((1, 1, 3), dtype=np.uint8)), "1×1 pixels; its shorter side must be at least 64"),
     ("tiny", png_bytes(np.zeros((8, 8, 3), dtype=np.uint8)), "at least 64 pixels"),
-    ("banner too thin", png_bytes(np.zeros((63, 600, 3), dtype=np.uint8)), "600x63"),
+    ("banner too thin", png_bytes(np.zeros((63, 600, 3), dtype=np.uint8)), "600×63"),
 ]
 
 

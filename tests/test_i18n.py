@@ -13,12 +13,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from django.utils import translation
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, png_bytes
 
 PO_PATH = ROOT / "locale" / "ja" / "LC_MESSAGES" / "django.po"
 MO_PATH = PO_PATH.with_suffix(".mo")
@@ -196,3 +197,22 @@ def test_api_not_found_in_japanese(alice_client):
 def test_translation_active_for_ja():
     with translation.override("ja"):
         assert translation.gettext("Mask editor") == "マスク編集"
+
+
+@pytest.mark.django_db
+def test_api_size_error_uses_multiplication_sign(alice_client, media_root):
+    tiny = SimpleUploadedFile("tiny.png", png_bytes(np.zeros((8, 8, 3), dtype=np.uint8)))
+    response = alice_client.post("/api/templates/", {"image": tiny})
+    message = response.json()["image"][0]
+    assert response.status_code == 400
+    assert "8×8 ピクセル" in message
+    assert "8x8" not in message
+
+
+def test_japanese_labels_use_full_width_parentheses():
+    from editing.pages import cache_labels
+
+    with translation.override("ja"):
+        assert cache_labels()["flop_fraction"] == "計算量（FLOPs）"
+        assert translation.gettext("Brush size (px)") == "ブラシサイズ（px）"
+        assert translation.gettext("Download result (PNG)") == "結果をダウンロード（PNG）"

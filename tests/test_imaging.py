@@ -230,8 +230,8 @@ def test_mask_of_wrong_size_names_both_sizes() -> None:
 
     assert caught.value.code == CODE_MASK_SIZE_MISMATCH
     assert caught.value.field == "mask"
-    assert "20x30" in caught.value.message
-    assert "40x60" in caught.value.message
+    assert "20×30" in caught.value.message
+    assert "40×60" in caught.value.message
 
 
 def test_empty_mask_is_rejected() -> None:
@@ -280,7 +280,7 @@ def test_oversized_image_rejected_before_decode() -> None:
         read_template(data, max_pixels=1_000_000, max_bytes=1_000_000)
 
     assert caught.value.code == CODE_TOO_LARGE
-    assert "5000x4000" in caught.value.message
+    assert "5000×4000" in caught.value.message
     assert "1000000" in caught.value.message
 
 

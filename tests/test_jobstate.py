@@ -90,6 +90,60 @@ def test_running_cancel_is_a_request(job):
     assert status_of(job) == JobStatus.CANCELLED
 
 
+def use_count_of(job: EditJob) -> int:
+    return Template.objects.get(pk=job.template_id).use_count
+
+
+def cancel_while_queued(job: EditJob) -> bool:
+    return jobstate.cancel_queued(job.pk)
+
+
+def cancel_while_running(job: EditJob) -> bool:
+    jobstate.claim(job.pk, worker="w")
+    jobstate.request_cancel_running(job.pk)
+    return jobstate.finish_cancelled(job.pk)
+
+
+def cancel_after_silence(job: EditJob) -> bool:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    jobstate.claim(job.pk, worker="w")
+    jobstate.request_cancel_running(job.pk)
+    EditJob.objects.filter(pk=job.pk).update(updated_at=timezone.now() - timedelta(seconds=120))
+    return jobstate.cancel_stale(job.pk, timezone.now() - timedelta(seconds=60))
+
+
+@pytest.mark.parametrize("cancel", [cancel_while_queued, cancel_while_running, cancel_after_silence])
+def test_cancel_decrements_use_count_once(job, cancel):
+    Template.objects.filter(pk=job.template_id).update(use_count=3)
+
+    assert cancel(job) is True
+    assert use_count_of(job) == 2
+    # A second cancel finds the job cancelled already and leaves the count alone.
+    assert cancel(job) is False
+    assert use_count_of(job) == 2
+
+
+def test_failed_job_keeps_use_count(job):
+    Template.objects.filter(pk=job.template_id).update(use_count=1)
+    assert jobstate.fail(job.pk, failure=Failure("edit_error", {"detail": "boom"})) is True
+    assert use_count_of(job) == 1
+
+
+def test_use_count_migration_subtracts_cancelled_jobs(job):
+    import importlib
+
+    from django.apps import apps
+
+    migration = importlib.import_module("editing.migrations.0008_use_count_without_cancelled")
+    Template.objects.filter(pk=job.template_id).update(use_count=5)
+    EditJob.objects.filter(pk=job.pk).update(status=JobStatus.CANCELLED)
+    migration.subtract_cancelled_jobs(apps, None)
+    assert use_count_of(job) == 4
+
+
 def test_fail_keeps_final_states(job):
     jobstate.claim(job.pk, worker="w")
     jobstate.succeed(job.pk, result_name="r.png", timings={})

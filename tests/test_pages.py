@@ -301,6 +301,32 @@ def test_admin_templates_list_counts_cache_hits(staff_client, coffee_job):
     assert '<td class="field-cache_hits">0</td>' in html
 
 
+def test_admin_use_count_skips_cancelled_jobs(staff_client, coffee_job, monkeypatch):
+    from editing import fleet, jobstate
+
+    second = services.submit_job(
+        owner=coffee_job.owner, template=coffee_job.template, mask=stroke_mask(60, 40) > 127, prompt="a red cup",
+        seed=8, steps=4, guidance=12.5,
+    )
+    html = staff_client.get("/admin/editing/template/").content.decode()
+    assert '<td class="field-use_count">2</td>' in html
+
+    # A queued job is cancelled at once.
+    assert services.cancel_job(coffee_job)
+    html = staff_client.get("/admin/editing/template/").content.decode()
+    assert '<td class="field-use_count">1</td>' in html
+
+    # A running job asked to stop still counts until its worker stops it at the next step.
+    monkeypatch.setattr(fleet, "process_gone", lambda hostname, since, workers=None: False)
+    assert jobstate.claim(second.pk, worker="test-worker")
+    assert services.cancel_job(second)
+    html = staff_client.get("/admin/editing/template/").content.decode()
+    assert '<td class="field-use_count">1</td>' in html
+    assert jobstate.finish_cancelled(second.pk)
+    html = staff_client.get("/admin/editing/template/").content.decode()
+    assert '<td class="field-use_count">0</td>' in html
+
+
 def test_admin_drop_cache_action_marks_warmups(staff_client, coffee_job):
     from editing.models import CacheWarmup
 

@@ -17,6 +17,8 @@ const state = {
   watcher: null,
   // Template id -> mask snapshot with its undo history, kept while the page is open.
   masks: new Map(),
+  // Sequence number of the latest count of other active jobs, so that an older, slower count is not shown over it.
+  otherJobsUpdate: 0,
 };
 
 const mask = new MaskCanvas(
@@ -313,6 +315,7 @@ async function submitJob(event) {
     body.append("mask", await mask.toPngBlob(), "mask.png");
     const job = await request("POST", config.jobs_url, body);
     startWatching(job);
+    updateOtherActiveJobs();
   } catch (error) {
     $("job-panel").hidden = true;
     showErrorsOnPage(error);
@@ -409,6 +412,7 @@ function finishJob(job) {
   } else {
     $("job-message").textContent = messages.job_cancelled;
   }
+  updateOtherActiveJobs();
 }
 
 /** End the progress panel of a job that the API no longer returns, such as one deleted with its template. */
@@ -422,6 +426,7 @@ function loseJob(error) {
   $("job-message").textContent = error.status === 404
     ? messages.job_lost
     : format(messages.request_failed, { status: error.status });
+  updateOtherActiveJobs();
 }
 
 async function cancelJob() {
@@ -482,30 +487,60 @@ async function loadJobMask(url, statusText) {
 
 // --- A job that was still active when the page was opened or reloaded.
 
-/** Find the user's newest queued or running job, or null when there is none. */
-async function findActiveJob() {
+/** Count the user's queued and running jobs and find the newest of them (null when there is none). */
+async function findActiveJobs() {
   let newest = null;
+  let count = 0;
   for (const status of ["running", "queued"]) {
     const page = await request("GET", `${config.jobs_url}?status=${status}&limit=1`);
+    count += page.count;
     const job = page.results[0];
     if (job && (!newest || Date.parse(job.created_at) > Date.parse(newest.created_at))) newest = job;
   }
-  return newest;
+  return { newest, count };
+}
+
+/** Show how many queued or running jobs the user has besides the one in the progress panel. */
+function showOtherActiveJobs(count) {
+  $("job-others").hidden = count < 1;
+  const message = count === 1 ? messages.other_active_jobs_one : messages.other_active_jobs_other;
+  $("job-others-text").textContent = format(message, { count });
+}
+
+/**
+ * Count the other active jobs again, after the panel's job was submitted or has ended.
+ *
+ * The count is not polled, so a job that ends between two updates is still counted until the next one.
+ */
+async function updateOtherActiveJobs() {
+  const update = ++state.otherJobsUpdate;
+  let active;
+  try {
+    active = await findActiveJobs();
+  } catch {
+    // The notice keeps its last count, and the progress panel reports a lost connection or session.
+    return;
+  }
+  if (update !== state.otherJobsUpdate) return;
+  const watchedActive = state.watcher !== null && state.job && ["queued", "running"].includes(state.job.status);
+  showOtherActiveJobs(active.count - (watchedActive ? 1 : 0));
 }
 
 /**
  * Show the progress of the newest active job again, and its result when it finishes.
  *
- * Its template is selected too, unless the page opened an earlier job's settings ("Edit again").
+ * Its template is selected too, unless the page opened an earlier job's settings ("Edit again"). A notice
+ * under the progress shows how many more jobs are queued or running, with a link to the history.
  */
 async function resumeActiveJob() {
-  let job;
+  let active;
   try {
-    job = await findActiveJob();
+    active = await findActiveJobs();
   } catch (error) {
     showErrors($("job-form"), error, messages, "general");
     return;
   }
+  const job = active.newest;
   if (!job) return;
   if (!config.prefill && !state.template) {
     // Without its template the progress panel still shows, with nothing selected.
@@ -516,6 +551,7 @@ async function resumeActiveJob() {
     }
   }
   startWatching(job);
+  showOtherActiveJobs(active.count - 1);
 }
 
 /** Fill the form with a job's prompt, settings and mask, so the page shows what the running job edits. */

@@ -7,6 +7,7 @@ import logging
 from celery import shared_task
 
 from workers import heartbeat  # noqa: F401 - connects the heartbeat to the worker signals
+from workers import residency  # noqa: F401 - connects the cache tier reconciliation to the worker signals
 
 logger = logging.getLogger(__name__)
 
@@ -59,3 +60,4 @@ def run_warmup(self, warmup_id: int) -> None:
     from workers.execution import execute_warmup
 
     execute_warmup(warmup_id, worker=self.request.hostname or "worker")
+

@@ -102,3 +102,115 @@ def test_reconcile_removes_dropped_entries(small_store, make_user):
 
     assert tier_of(row) == "none"
     assert not path.exists()
+
+
+def test_drop_entries_keeps_vouched_ones(small_store, make_user, redis_url):
+    template = template_row(make_user())
+    spilled, in_memory, vouched = put(small_store, 0), put(small_store, 1), put(small_store, 2)
+    dropped_row = warmup_row(template, in_memory, tier="memory", dropped=True)
+    kept_row = warmup_row(template, vouched, tier="memory", seed=2)
+    path = small_store.disk.path_of(make_key(0))
+
+    try:
+        removed = residency.drop_entries(HOST, [spilled, in_memory, vouched, make_key(5).digest()])
+    finally:
+        redis_keys.client().delete(redis_keys.worker_load_key(HOST), redis_keys.worker_metrics_key(HOST))
+
+    assert removed == sorted([spilled, in_memory])
+    assert not path.exists()
+    assert small_store.tier_of_digest(spilled) is None
+    assert small_store.tier_of_digest(in_memory) is None
+    assert small_store.tier_of_digest(vouched) == "memory"
+    assert tier_of(dropped_row) == "none"
+    assert tier_of(kept_row) == "memory"
+
+
+@pytest.fixture
+def sent_drops(monkeypatch, settings):
+    """The drop messages the web side sends, as (queue, digests), to two live workers."""
+    settings.EDITOR_WARMUP_ON_CREATE = False
+    sent: list[tuple[str, list[str]]] = []
+    workers = [fleet.WorkerState("a@h", ("flux",), ()), fleet.WorkerState("b@h", ("flux",), ())]
+    monkeypatch.setattr(fleet, "live_workers", lambda: workers)
+    monkeypatch.setattr(celery_app.conf, "broker_url", "redis://127.0.0.1:6379/15")
+
+    def send_task(name, args=None, queue=None, **_kwargs):
+        assert name == warmups.DROP_CACHE_ENTRIES_TASK
+        sent.append((queue, args[0]))
+
+    monkeypatch.setattr(celery_app, "send_task", send_task)
+    return sent
+
+
+def shared_pair(owner, image) -> tuple[Template, Template]:
+    first = services.create_template(owner=owner, name="first", image=image)
+    second = services.create_template(owner=owner, name="second", image=image)
+    return first, second
+
+
+def test_delete_sends_keys_of_last_template(sent_drops, make_user, media_root, django_capture_on_commit_callbacks):
+    owner = make_user()
+    first, second = shared_pair(owner, np.full((32, 32, 3), 90, dtype=np.uint8))
+    shared, own = make_key(0).digest(), make_key(1).digest()
+    warmup_row(first, shared, tier="memory")
+    warmup_row(first, own, tier="memory", seed=1)
+    warmup_row(second, shared, tier="memory")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        first.delete()
+
+    # The shared entry stays while the second template's warm-up vouches for it.
+    assert sent_drops == [("edit.direct.a@h", [own]), ("edit.direct.b@h", [own])]
+
+    sent_drops.clear()
+    with django_capture_on_commit_callbacks(execute=True):
+        second.delete()
+
+    assert sent_drops == [("edit.direct.a@h", [shared]), ("edit.direct.b@h", [shared])]
+
+
+def test_api_and_admin_delete_send_drops(sent_drops, make_user, admin_user, api_client_for, media_root,
+                                         django_capture_on_commit_callbacks):
+    owner = make_user("alice")
+    by_api, by_admin = template_row(owner, "api"), template_row(owner, "admin")
+    warmup_row(by_api, make_key(0).digest(), tier="memory")
+    by_admin.content_hash = "1" * 64
+    by_admin.save()
+    warmup_row(by_admin, make_key(1).digest(), tier="disk")
+    client = api_client_for("bob")
+    client.force_authenticate(owner)
+    admin = Client()
+    admin.force_login(admin_user)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert client.delete(f"/api/templates/{by_api.pk}/").status_code == 204
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin.post(
+            "/admin/editing/template/",
+            {"action": "delete_selected", "_selected_action": [by_admin.pk], "post": "yes"},
+        )
+
+    assert response.status_code == 302
+    assert [digests for queue, digests in sent_drops if queue == "edit.direct.a@h"] == [
+        [make_key(0).digest()], [make_key(1).digest()],
+    ]
+
+
+def test_drop_cache_sends_drops(sent_drops, make_user, django_capture_on_commit_callbacks):
+    template = template_row(make_user())
+    warmup_row(template, make_key(0).digest(), tier="memory")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert warmups.drop_cache(template) == 1
+
+    assert sorted(sent_drops) == [("edit.direct.a@h", [make_key(0).digest()]),
+                                  ("edit.direct.b@h", [make_key(0).digest()])]
+
+
+def test_delete_without_warmups_sends_nothing(sent_drops, make_user, django_capture_on_commit_callbacks):
+    template = template_row(make_user())
+
+    with django_capture_on_commit_callbacks(execute=True):
+        template.delete()
+
+    assert sent_drops == []

@@ -2,7 +2,9 @@
 
 A `CacheWarmup` row names the worker that stored its entry and the tier the entry landed in. Host memory
 does not survive the process, while disk files do unless evicted, so a job process that starts under a
-worker's name updates the rows that name the worker to the tiers its store holds (`reconcile_tiers`).
+worker's name updates the rows that name the worker to the tiers its store holds (`reconcile_tiers`). An
+operator's drop and the deletion of a template's last warm-up for a key send this worker the key digests
+to remove from both tiers (`drop_entries`, run by the `workers.tasks.drop_cache_entries` task).
 
 NOTE: this assumes one job process per worker name, as the threads pool and prefork with concurrency 1
 (the stack's default) give. With more prefork children, each child has its own memory tier, and a child
@@ -12,6 +14,7 @@ that starts marks the memory entries of its siblings as not held by it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.signals import celeryd_after_setup, worker_process_init, worker_ready
@@ -74,6 +77,34 @@ def reconcile_tiers(hostname: str) -> dict[str, int]:
         hostname, len(records), counts or "none",
     )
     return counts
+
+
+def drop_entries(hostname: str, digests: Iterable[str]) -> list[str]:
+    """Remove the entries with these key digests from this process's memory and disk tiers.
+
+    A digest that a valid warm-up vouches for again (the same image uploaded and warmed meanwhile) is kept.
+    The records naming `hostname` with a removed digest get tier `none`. Returns the digests removed.
+    """
+    from workers import worker_state
+    from workers.metrics_publisher import publish_metrics
+    from workers.template_cache import get_store
+
+    requested = set(digests)
+    vouched = set(warmups.valid_warmups().filter(cache_key__in=requested).values_list("cache_key", flat=True))
+    store = get_store()
+    removed = sorted(digest for digest in requested - vouched if store.drop_digest(digest))
+    CacheWarmup.objects.filter(worker=hostname, cache_key__in=requested - vouched).exclude(
+        cache_tier=CacheTier.NONE
+    ).update(cache_tier=CacheTier.NONE)
+    logger.info(
+        "cache entries dropped on %s: %d of %d requested (%s), %d kept because a valid warm-up vouches for them",
+        hostname, len(removed), len(requested), ", ".join(digest[:12] for digest in removed) or "none held",
+        len(requested & vouched),
+    )
+    if removed:
+        worker_state.publish(hostname, keep_published_costs=True)
+        publish_metrics(hostname)
+    return removed
 
 
 def reconcile_on_start(hostname: str) -> None:

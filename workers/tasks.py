@@ -61,3 +61,15 @@ def run_warmup(self, warmup_id: int) -> None:
 
     execute_warmup(warmup_id, worker=self.request.hostname or "worker")
 
+
+@shared_task(name="workers.tasks.drop_cache_entries", bind=True, ignore_result=True)
+def drop_cache_entries(self, digests: list[str]) -> None:
+    """Remove these cache entries (key digests) from this worker's memory and disk tiers.
+
+    The web side sends one message to the own queue of every live worker when a drop or a template
+    deletion leaves entries that no valid warm-up vouches for.
+    """
+    from django.db import close_old_connections
+
+    close_old_connections()
+    residency.drop_entries(self.request.hostname or "worker", digests)

@@ -36,7 +36,7 @@ OTHER_HOST = "other-test@h"
 
 @pytest.fixture
 def small_store(monkeypatch, tmp_path):
-    """A store of this process whose memory tier holds two test entries (LRU); the third spills the first to disk."""
+    """A store of this process whose memory tier has room for two test entries (LRU); the third spills the first to disk."""
     monkeypatch.setenv("EDITOR_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("EDITOR_CACHE_BYTES", str(2 * entry_bytes()))
     monkeypatch.setenv("EDITOR_CACHE_POLICY", "lru")

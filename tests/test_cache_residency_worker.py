@@ -39,10 +39,10 @@ def warm(template: Template, seed: int) -> CacheWarmup:
         time.sleep(0.2)
 
 
-def wait_for(condition, what: str) -> None:
+def wait_for(condition, failure: str) -> None:
     deadline = time.monotonic() + TIMEOUT_S
     while not condition():
-        assert time.monotonic() < deadline, f"{what} within {TIMEOUT_S} s"
+        assert time.monotonic() < deadline, f"{failure} within {TIMEOUT_S} s"
         time.sleep(0.2)
 
 

@@ -1,8 +1,8 @@
-"""Keeping the cache tier of warm-up records true to what this worker process holds.
+"""Keeping the cache tier of warm-up records true to the entries this worker process stores.
 
 A `CacheWarmup` row names the worker that stored its entry and the tier the entry landed in. Host memory
 does not survive the process, while disk files do unless evicted, so a job process that starts under a
-worker's name updates the rows that name the worker to the tiers its store holds (`reconcile_tiers`). An
+worker's name updates the rows that name the worker to the tiers its store contains (`reconcile_tiers`). An
 operator's drop and the deletion of a template's last warm-up for a key send this worker the key digests
 to remove from both tiers (`drop_entries`, run by the `workers.tasks.drop_cache_entries` task).
 
@@ -23,8 +23,8 @@ from django.db import DatabaseError, close_old_connections
 from editing import catalog, warmups
 from editing.models import CacheTier, CacheWarmup, JobStatus
 
-# The store, load record and metrics modules import torch; they are imported inside the functions, so
-# that importing this module for its signal receivers keeps the main process of a prefork worker light.
+# The store, load record and metrics modules import torch. The functions import them, so the main process
+# of a prefork worker, which imports this module for its signal receivers, does not load torch.
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ _hostname: str | None = None
 
 
 def reconcile_tiers(hostname: str) -> dict[str, int]:
-    """Set the tier of the warm-up records naming `hostname` to what this process's store holds.
+    """Set the tier of the warm-up records naming `hostname` to the tier this process's store contains.
 
     Entries that no valid warm-up vouches for any more (dropped, or their template deleted) are removed
     from the disk tier on the way, so a worker that was down during the drop frees them too. The entries

@@ -138,8 +138,12 @@ class DiskTier:
     # Queries ---------------------------------------------------------------------------------
 
     def contains(self, key: CacheKey) -> bool:
+        return self.contains_digest(key.digest())
+
+    def contains_digest(self, digest: str) -> bool:
+        """True when the tier holds the entry whose key has this `CacheKey.digest()`."""
         with self._lock:
-            return key.digest() in self._files
+            return digest in self._files
 
     def entry_nbytes_of(self, key: CacheKey) -> int | None:
         """Return the tensor bytes of the key's entry (its size once read into memory), or None."""
@@ -285,7 +289,10 @@ class DiskTier:
         self.remove(key)
 
     def remove(self, key: CacheKey) -> bool:
-        digest = key.digest()
+        return self.remove_digest(key.digest())
+
+    def remove_digest(self, digest: str) -> bool:
+        """Delete the file of the entry with this key digest; False when the tier did not hold it."""
         with self._lock:
             size = self._files.pop(digest, None)
             self._entry_nbytes.pop(digest, None)

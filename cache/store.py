@@ -171,11 +171,14 @@ class ActivationStore:
         return self.tier_of(key) is not None
 
     def tier_of(self, key: CacheKey) -> Tier | None:
-        digest = key.digest()
+        return self.tier_of_digest(key.digest())
+
+    def tier_of_digest(self, digest: str) -> Tier | None:
+        """Return the tier holding the entry whose key has this `CacheKey.digest()`, or None."""
         with self._condition:
             if digest in self._entries or digest in self._spilling:
                 return "memory"
-        if self.disk is not None and self.disk.contains(key):
+        if self.disk is not None and self.disk.contains_digest(digest):
             return "disk"
         return None
 
@@ -239,7 +242,10 @@ class ActivationStore:
 
     def drop(self, key: CacheKey) -> bool:
         """Remove the key from every tier and return True if it was stored anywhere."""
-        digest = key.digest()
+        return self.drop_digest(key.digest())
+
+    def drop_digest(self, digest: str) -> bool:
+        """Remove the entry whose key has this `CacheKey.digest()` from every tier; True if it was stored."""
         with self._condition:
             found = self._entries.pop(digest, None)
             if found is not None:
@@ -249,7 +255,7 @@ class ActivationStore:
             # A spilling entry keeps its bytes reserved until its spill ends. The spill then finds the
             # key gone and removes the file it wrote.
             spilling = self._spilling.pop(digest, None)
-        on_disk = self.disk.remove(key) if self.disk is not None else False
+        on_disk = self.disk.remove_digest(digest) if self.disk is not None else False
         self.metrics.key_placed(digest, None, 0)
         self._update_gauges()
         return found is not None or spilling is not None or on_disk

@@ -149,6 +149,10 @@ def read_fleet() -> list[WorkerView] | None:
             resident = load.get("resident") or {}
             # Sets, because every decision looks a template up in every worker's list.
             load["resident"] = {tier: set(tokens) for tier, tokens in resident.items()}
+            if fleet.process_restarted(worker.hostname, float(load.get("at", 0.0)), workers):
+                # Written by the process before a restart: its memory tier is gone with it, while its
+                # disk files may still be there. The new process rewrites the record when it starts.
+                load["resident"].pop("memory", None)
             views.append(WorkerView(
                 worker.hostname, worker.models, load, sum(float(value) for value in backlog), len(backlog)
             ))

@@ -15,16 +15,18 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from editing import catalog
+from editing import catalog, fleet
 from editing.failures import Failure
 from editing.params import check_generation
 from editing.models import CacheWarmup, EditJob, JobStatus, Template
 from editing.routing import control_queue
+from editor_site import redis_keys
 from editor_site.celery import app as celery_app
 
 logger = logging.getLogger(__name__)
 
 RUN_WARMUP_TASK = "workers.tasks.run_warmup"
+DROP_CACHE_ENTRIES_TASK = "workers.tasks.drop_cache_entries"
 DEFAULT_GUIDANCE = 30.0
 
 
@@ -164,15 +166,65 @@ def vouched_cache_bytes(cache_key: str) -> int | None:
     return None if warmup is None else int(warmup.cache_bytes or 0)
 
 
+def cache_keys_of(template: Template) -> list[str]:
+    """Return the cache key digests that the template's successful warm-ups recorded."""
+    return list(
+        template.warmups.filter(status=JobStatus.SUCCEEDED).exclude(cache_key="")
+        .values_list("cache_key", flat=True).distinct()
+    )
+
+
 def drop_cache(template: Template) -> int:
-    """Mark the template's cached activations as dropped; workers discard them on next use.
+    """Mark the template's cached activations as dropped and tell the live workers to remove them.
 
     Templates with the same image content share cache entries, so the warm-ups of other templates that vouch
-    for the same keys are dropped too. Returns the number of warm-ups whose caches were dropped.
+    for the same keys are dropped too. A worker that is down when the drop commits removes the entries when
+    it starts again, and every worker discards a dropped entry that a job looks up. Returns the number of
+    warm-ups whose caches were dropped.
     """
-    keys = list(
-        template.warmups.filter(status=JobStatus.SUCCEEDED).exclude(cache_key="").values_list("cache_key", flat=True)
-    )
+    keys = cache_keys_of(template)
     dropped = valid_warmups().filter(Q(template=template) | Q(cache_key__in=keys)).update(dropped_at=timezone.now())
     logger.info("cache of template %s dropped (%d warm-ups)", template.pk, dropped)
+    transaction.on_commit(lambda: send_cache_drops(keys))
     return dropped
+
+
+def release_unvouched_entries(keys: list[str]) -> list[str]:
+    """Tell the live workers to remove the entries among `keys` that no valid warm-up vouches for any more.
+
+    Deleting a template deletes its warm-ups. Its entries stay in use while a warm-up of another template
+    with the same image content vouches for the same key. Returns the keys sent.
+    """
+    vouched = set(valid_warmups().filter(cache_key__in=keys).values_list("cache_key", flat=True))
+    unvouched = sorted(set(keys) - vouched)
+    send_cache_drops(unvouched)
+    return unvouched
+
+
+def send_cache_drops(keys: list[str]) -> int:
+    """Send every live worker, on its own queue, the cache key digests to remove; return the workers sent to.
+
+    Best effort: without a broker or a readable Redis nothing is sent, and the entries leave the workers'
+    tiers by eviction, or when a job looks one up and finds it dropped.
+    """
+    if not keys:
+        return 0
+    if not celery_app.conf.broker_url:
+        logger.error("no broker is configured (set REDIS_URL); %d cache entries stay on the workers", len(keys))
+        return 0
+    workers = fleet.live_workers()
+    if workers is None:
+        logger.warning("worker heartbeats are unreadable; %d cache entries stay on the workers", len(keys))
+        return 0
+    sent = 0
+    for worker in workers:
+        try:
+            celery_app.send_task(
+                DROP_CACHE_ENTRIES_TASK, args=[sorted(keys)], queue=redis_keys.direct_queue(worker.hostname)
+            )
+        except Exception:  # noqa: BLE001 - any broker error; the entries stay until evicted
+            logger.exception("could not send the drop of %d cache entries to %s", len(keys), worker.hostname)
+            continue
+        sent += 1
+    logger.info("drop of %d cache entries sent to %d workers", len(keys), sent)
+    return sent

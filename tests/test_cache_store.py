@@ -101,6 +101,25 @@ def test_store_drop_removes_every_tier(tmp_path: Path) -> None:
     assert store.stats().resident_bytes == 0
 
 
+def test_store_drop_by_digest_deletes_file(tmp_path: Path) -> None:
+    store = make_store(tmp_path, entries=1)
+    store.put_tensors(make_key(0), activations(), steps=2, blocks=2)
+    store.put_tensors(make_key(1), activations(), steps=2, blocks=2)
+    spilled = make_key(0).digest()
+    path = store.disk.path_of(make_key(0))
+    assert store.tier_of_digest(spilled) == "disk"
+    assert store.tier_of_digest(make_key(1).digest()) == "memory"
+    assert path.exists()
+
+    assert store.drop_digest(spilled)
+    assert store.drop_digest(make_key(1).digest())
+
+    assert not path.exists()
+    assert store.tier_of_digest(spilled) is None
+    assert store.tier_of_digest(make_key(1).digest()) is None
+    assert not store.drop_digest(spilled)
+
+
 def test_store_keys_differing_in_one_field_never_match(tmp_path: Path) -> None:
     store = make_store(tmp_path, entries=4)
     store.put_tensors(make_key(0), activations(), steps=2, blocks=2)

@@ -111,8 +111,12 @@ def fleet_records(redis_url, settings):
             for key in client.scan_iter(match=redis_keys.key_prefix() + pattern):
                 client.delete(key)
 
-    def write(hostname: str, record: dict, models: tuple[str, ...] = ("flux",)) -> None:
+    def write(
+        hostname: str, record: dict, models: tuple[str, ...] = ("flux",), started_at: float | None = None
+    ) -> None:
         heartbeat = {"hostname": hostname, "models": list(models), "queues": [], "at": time.time()}
+        if started_at is not None:
+            heartbeat["started_at"] = started_at
         client.set(redis_keys.worker_state_key(hostname), json.dumps(heartbeat), ex=30)
         client.set(redis_keys.worker_load_key(hostname), json.dumps(record), ex=30)
 
@@ -132,6 +136,30 @@ def test_choose_prefers_idle_worker_then_cache_affinity(fleet_records):
     chosen = cost_routing.choose(job)
     # Half a second of waiting beats computing the 922 unmasked tokens on a cold worker.
     assert (chosen.hostname, chosen.cache) == ("busy@h", "memory")
+
+
+def cache_tier_on(job: cost_routing.JobShape, hostname: str) -> str:
+    return next(candidate.cache for candidate in cost_routing.candidates(job) if candidate.hostname == hostname)
+
+
+def test_restarted_worker_loses_memory_residency(fleet_records):
+    job = shape()
+    on_disk = shape(seed=1)
+    now = time.time()
+    record = {**load(memory=[job.residency_token], disk=[on_disk.residency_token], now=now), "at": now - 5}
+
+    fleet_records("w@h", record, started_at=now - 60)
+    assert cache_tier_on(job, "w@h") == "memory"
+    assert cache_tier_on(on_disk, "w@h") == "disk"
+
+    # The heartbeat now comes from a process that started after the load record was written.
+    fleet_records("w@h", record, started_at=now - 1)
+    assert cache_tier_on(job, "w@h") == "none"
+    assert cache_tier_on(on_disk, "w@h") == "disk"
+
+    # The new process has published its own record since.
+    fleet_records("w@h", {**record, "at": now}, started_at=now - 1)
+    assert cache_tier_on(job, "w@h") == "memory"
 
 
 def test_choose_counts_backlog_and_returns_none_without_workers(fleet_records):

@@ -7,6 +7,7 @@ import logging
 from celery import shared_task
 
 from workers import heartbeat  # noqa: F401 - connects the heartbeat to the worker signals
+from workers import residency  # noqa: F401 - connects the cache tier reconciliation to the worker signals
 
 logger = logging.getLogger(__name__)
 
@@ -59,3 +60,16 @@ def run_warmup(self, warmup_id: int) -> None:
     from workers.execution import execute_warmup
 
     execute_warmup(warmup_id, worker=self.request.hostname or "worker")
+
+
+@shared_task(name="workers.tasks.drop_cache_entries", bind=True, ignore_result=True)
+def drop_cache_entries(self, digests: list[str]) -> None:
+    """Remove these cache entries (key digests) from this worker's memory and disk tiers.
+
+    The web side sends one message to the own queue of every live worker when a drop or a template
+    deletion leaves entries that no valid warm-up vouches for.
+    """
+    from django.db import close_old_connections
+
+    close_old_connections()
+    residency.drop_entries(self.request.hostname or "worker", digests)

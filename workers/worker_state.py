@@ -37,14 +37,19 @@ MAX_RESIDENT_TOKENS = 512
 _lock = threading.Lock()
 _cost_models: dict[str, CostModel] = {}
 _text_tokens: dict[str, int] = {}  # model name -> text tokens per request, as its cost model counts them
-_known_keys: OrderedDict[str, tuple[str, CacheKey]] = OrderedDict()  # residency token -> (model, key)
+_known_keys: OrderedDict[str, str] = OrderedDict()  # residency token -> CacheKey.digest() of the entry
 # job id -> (predicted finish in epoch seconds, tokens per step) of the jobs running in this process
 _in_flight: dict[str, tuple[float, float]] = {}
 
 
 def residency_token(model: str, key: CacheKey) -> str:
     """Return the cache identity as the web side computes it from a job: model, template, steps, seed, guidance."""
-    return f"{model}:{key.template_hash}:{key.steps}:{key.seed}:{float(key.guidance):g}"
+    return warmup_residency_token(model, key.template_hash, key.steps, key.seed, key.guidance)
+
+
+def warmup_residency_token(model: str, template_hash: str, steps: int, seed: int, guidance: float) -> str:
+    """Return the residency token of a warm-up's entry from the fields a `CacheWarmup` row stores."""
+    return f"{model}:{template_hash}:{steps}:{seed}:{float(guidance):g}"
 
 
 def cost_model(model: LoadedModel, *, text_tokens: int, max_sequence_length: int) -> CostModel:
@@ -90,9 +95,13 @@ def loaded_cost_models() -> dict[str, CostModel]:
 
 def remember_cache(model: str, key: CacheKey) -> None:
     """Note a cache entry this process wrote or read, so its tier can be published."""
-    token = residency_token(model, key)
+    remember_entry(residency_token(model, key), key.digest())
+
+
+def remember_entry(token: str, digest: str) -> None:
+    """Note the entry with key digest `digest` under its residency token, so its tier can be published."""
     with _lock:
-        _known_keys[token] = (model, key)
+        _known_keys[token] = digest
         _known_keys.move_to_end(token)
         while len(_known_keys) > MAX_RESIDENT_TOKENS:
             _known_keys.popitem(last=False)
@@ -134,8 +143,8 @@ def snapshot() -> dict[str, object]:
         models = dict(_cost_models)
         text_tokens = dict(_text_tokens)
     resident: dict[str, list[str]] = {"memory": [], "disk": []}
-    for token, (_model, key) in known:
-        tier = store.tier_of(key)
+    for token, digest in known:
+        tier = store.tier_of_digest(digest)
         if tier in resident:
             resident[tier].append(token)
     costs = {}
@@ -153,11 +162,31 @@ def snapshot() -> dict[str, object]:
     }
 
 
-def publish(hostname: str) -> None:
-    """Write this process's state under the worker's name; best effort, like metrics."""
+def publish(hostname: str, *, keep_published_costs: bool = False) -> None:
+    """Write this process's state under the worker's name; best effort, like metrics.
+
+    With `keep_published_costs`, the cost fits already published under this name stay in the record
+    for the models this process has not loaded yet. A process that starts, or that has run no job,
+    publishes this way, because the router skips a worker whose record lacks the model's fit.
+    """
     try:
-        redis_keys.client().set(
-            redis_keys.worker_load_key(hostname), json.dumps(snapshot()), ex=STATE_TTL_S
-        )
+        client = redis_keys.client()
+        record = snapshot()
+        if keep_published_costs:
+            record["costs"] = {**published_costs(client, hostname), **record["costs"]}
+        client.set(redis_keys.worker_load_key(hostname), json.dumps(record), ex=STATE_TTL_S)
     except (redis.RedisError, ValueError):
         logger.warning("could not publish the state of %s", hostname, exc_info=True)
+
+
+def published_costs(client: redis.Redis, hostname: str) -> dict[str, dict]:
+    """Return the cost fits in the load record published under `hostname`; empty without a readable one."""
+    raw = client.get(redis_keys.worker_load_key(hostname))
+    if raw is None:
+        return {}
+    try:
+        costs = json.loads(raw).get("costs")
+    except (ValueError, AttributeError):
+        logger.warning("ignoring the malformed load record of %s", hostname)
+        return {}
+    return costs if isinstance(costs, dict) else {}

@@ -99,7 +99,11 @@ class WarmupSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = fields
         extra_kwargs = {
-            "cache_tier": {"help_text": "Tier the warm-up stored its entry in. A worker restart empties the memory tier."},
+            "cache_tier": {"help_text": (
+                "Tier of the entry on the worker that stored it: memory, disk, or none. Set when the warm-up "
+                "stores it, and updated when the worker restarts or drops the entry. A move from memory to disk "
+                "by eviction shows at the next restart."
+            )},
             "dropped_at": {"help_text": "When the cache was dropped; jobs no longer use it. Null while it is valid."},
         }
 

@@ -139,7 +139,7 @@ class TemplateViewSet(
     @extend_schema(request=None, responses={200: OpenApiResponse(description="Number of dropped warm-ups")})
     @action(detail=True, methods=["delete"], url_path="cache", url_name="cache")
     def drop_cache(self, request: Request, pk: str | None = None) -> Response:
-        """Drop this template's cached activations; workers discard them on their next use."""
+        """Drop this template's cached activations; live workers remove them from memory and disk."""
         template = self.get_object()
         return Response({"dropped": warmups.drop_cache(template)})
 

@@ -14,7 +14,7 @@ from tests.test_masked_inference import (  # noqa: F401 (pipe, embedding and cac
     pipe,
     rectangle_token_mask,
 )
-from workers.masked import weight_packing
+from workers.masked import inference, weight_packing
 from workers.masked.weight_packing import mkl_packing_available, packed_linears
 
 pytestmark = pytest.mark.skipif(not mkl_packing_available(), reason="this PyTorch build has no MKL packed GEMM")
@@ -85,16 +85,32 @@ def test_bad_budget_names_the_setting(monkeypatch) -> None:
             pass
 
 
+def wrong_packing(monkeypatch) -> None:
+    """Make every packed copy 5% off its weight, so results show whether packed copies were used."""
+    pack = weight_packing.pack_weight
+    monkeypatch.setattr(weight_packing, "pack_weight", lambda weight, rows: pack(weight * 1.05, rows))
+
+
 def test_masked_pass_with_packed_weights_stays_exact(pipe, embedding, cache, monkeypatch) -> None:
-    """Pack from one row so every projection of the tiny model is packed; a wrong packed copy must show."""
+    """Pack from one row and step so the tiny model's projections are packed; a wrong packed copy must show."""
     monkeypatch.setattr(weight_packing, "MIN_PACKED_ROWS", 1)
+    monkeypatch.setattr(inference, "MIN_PACKED_STEPS", 1)
     token_mask = rectangle_token_mask(3, 3)
     activations = cache["kv"]
     exact = identical_content_latents(pipe, activations, embedding, token_mask)
 
-    pack = weight_packing.pack_weight
-    monkeypatch.setattr(weight_packing, "pack_weight", lambda weight, rows: pack(weight * 1.05, rows))
+    wrong_packing(monkeypatch)
     wrong = identical_content_latents(pipe, activations, embedding, token_mask)
 
     assert masked_relative_difference(exact, activations.latents[-1], token_mask) < TOLERANCE
     assert masked_relative_difference(wrong, activations.latents[-1], token_mask) > 100 * TOLERANCE
+
+
+def test_requests_with_few_steps_stay_plain(pipe, embedding, cache, monkeypatch) -> None:
+    """The tiny model's 3 steps are below MIN_PACKED_STEPS, so even a wrong packed copy is never used."""
+    monkeypatch.setattr(weight_packing, "MIN_PACKED_ROWS", 1)
+    wrong_packing(monkeypatch)
+    token_mask = rectangle_token_mask(3, 3)
+    latents = identical_content_latents(pipe, cache["kv"], embedding, token_mask)
+
+    assert masked_relative_difference(latents, cache["kv"].latents[-1], token_mask) < TOLERANCE

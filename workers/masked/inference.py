@@ -24,7 +24,7 @@ from workers.masked.processors import CachedFluxAttnProcessor, RotaryEmbedding, 
 from workers.masked.step_tables import step_tables
 from workers.masked.token_layout import TokenLayout
 from workers.masked.transformer_blocks import blocks_in_order, swap_attention_processors
-from workers.masked.weight_packing import packed_linears
+from workers.masked.weight_packing import MIN_PACKED_STEPS, packed_linears
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +124,8 @@ def denoise_masked(
     with torch.inference_mode():
         if full_prefix_blocks >= total_blocks:
             return _denoise_all_tokens(pipe, activations.latents[0], inputs, on_step)
-        if inputs.steps < 2:
+        if inputs.steps < MIN_PACKED_STEPS:
             return _denoise_masked_tokens(pipe, activations, inputs, full_prefix_blocks, source, on_step)
-        # Each projection runs once per step on the same rows, so packing its weight once pays from the second.
         with packed_linears(transformer):
             return _denoise_masked_tokens(pipe, activations, inputs, full_prefix_blocks, source, on_step)
 

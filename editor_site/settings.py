@@ -188,6 +188,10 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# A prefork child runs its worker_process_init receivers before it takes jobs: the cache tier
+# reconciliation (workers/residency.py) imports torch, reads the disk tier and queries the database.
+# Celery kills a child whose receivers take longer than this (4 s by default) and starts another.
+CELERY_WORKER_PROC_ALIVE_TIMEOUT = 60
 CELERY_TASK_DEFAULT_QUEUE = "edit.control"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 EDITOR_JOB_HARD_TIME_LIMIT_S = env_int("EDITOR_JOB_HARD_TIME_LIMIT_S", 1800, minimum=10)

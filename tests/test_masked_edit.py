@@ -183,11 +183,15 @@ def test_composite_keeps_pixels_outside_feather(pipe, activations, template) -> 
     assert np.array_equal(result.image[mask], result.generated[mask])
 
 
-def test_flop_limit_is_one_for_full_mask(pipe) -> None:
+def test_flop_limit_for_full_mask_saves_only_the_last_blocks_text_work(pipe) -> None:
     shape = TransformerShape.from_config(pipe.transformer.config)
+    d, f, text = shape.hidden, shape.mlp_hidden, 128
+    # The last block's text tokens skip their Q projection, MLP, output projection and attention queries.
+    saved = 2 * text * d * d + 2 * text * d * f + 2 * text * (d + f) * d + 2 * 2 * text * (text + 1024) * d
+    full = transformer_flops(shape, text, 1024)
 
-    assert flop_speedup_limit(shape, 128, 1024, 1024) == pytest.approx(1.0)
-    assert flop_speedup_limit(shape, 128, 1024, 100, full_prefix_blocks=shape.num_blocks) == pytest.approx(1.0)
+    assert transformer_flops(shape, text, 1024, 1024) == pytest.approx(full - saved)
+    assert flop_speedup_limit(shape, text, 1024, 100, full_prefix_blocks=shape.num_blocks) == pytest.approx(1.0)
 
 
 def test_flop_limit_grows_as_mask_shrinks(pipe) -> None:

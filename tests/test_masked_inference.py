@@ -300,6 +300,24 @@ def test_masked_run_restores_processors_and_hooks(pipe, embedding, cache, full_p
     assert not pipe.transformer._forward_pre_hooks
 
 
+@pytest.mark.parametrize("full_prefix_blocks", [0, 1])
+def test_last_block_runs_on_masked_image_tokens_only(pipe, embedding, cache, full_prefix_blocks) -> None:
+    """The text tokens' outputs of the last block are dropped, so its MLP sees the masked image tokens alone."""
+    rows: list[int] = []
+    last = pipe.transformer.single_transformer_blocks[-1]
+    hook = last.proj_mlp.register_forward_hook(lambda _module, args, _output: rows.append(args[0].shape[1]))
+    token_mask = rectangle_token_mask(2, 3)
+    try:
+        latents = identical_content_latents(
+            pipe, cache["kv"], embedding, token_mask, full_prefix_blocks=full_prefix_blocks
+        )
+    finally:
+        hook.remove()
+
+    assert rows == [int(token_mask.sum())] * STEPS
+    assert masked_relative_difference(latents, cache["kv"].latents[-1], token_mask) < TOLERANCE
+
+
 def test_masked_run_restores_step_level_modules(pipe, embedding, cache) -> None:
     transformer = pipe.transformer
     before = dict(transformer.named_modules())

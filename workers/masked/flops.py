@@ -55,10 +55,13 @@ def _double_block_flops(shape: TransformerShape, text: int, queries: int, keys: 
     return projections + mlp + attention + modulation
 
 
-def _single_block_flops(shape: TransformerShape, text: int, queries: int, keys: int) -> float:
+def _single_block_flops(shape: TransformerShape, text: int, queries: int, keys: int, text_keys_only: bool = False) -> float:
+    """FLOPs of a single-stream block; with `text_keys_only` the text tokens get K and V projections only."""
     d, f = shape.hidden, shape.mlp_hidden
-    tokens = text + queries
+    tokens = queries if text_keys_only else text + queries
     projections = 2 * tokens * d * (3 * d) + 2 * tokens * d * f + 2 * tokens * (d + f) * d
+    if text_keys_only:
+        projections += 2 * text * d * (2 * d)
     attention = 2 * 2 * tokens * keys * d
     modulation = 2 * d * (3 * d)
     return projections + attention + modulation
@@ -76,7 +79,9 @@ def transformer_flops(
 
     `masked_tokens=None` counts the stock computation on all `image_tokens`. Otherwise the first
     `full_prefix_blocks` blocks run on all tokens and the rest on `masked_tokens` image queries, which attend to
-    all text and image keys. Variant "hidden" adds the K and V projections of the cached unmasked tokens.
+    all text and image keys, and a masked last block computes only the K and V of the text tokens, whose
+    outputs the model drops (`workers.masked.text_keys`). Variant "hidden" adds the K and V projections of
+    the cached unmasked tokens.
     """
     all_blocks_full = masked_tokens is None or full_prefix_blocks >= shape.num_blocks
     queries_after_prefix = image_tokens if all_blocks_full else masked_tokens
@@ -89,7 +94,8 @@ def transformer_flops(
         if block < shape.double_blocks:
             total += _double_block_flops(shape, text_tokens, queries, keys)
         else:
-            total += _single_block_flops(shape, text_tokens, queries, keys)
+            keys_only = not all_blocks_full and block == shape.num_blocks - 1 and block >= full_prefix_blocks
+            total += _single_block_flops(shape, text_tokens, queries, keys, text_keys_only=keys_only)
         if variant == "hidden" and queries < image_tokens:
             total += 2 * (image_tokens - queries) * d * (2 * d)
 

@@ -22,6 +22,7 @@ from workers.masked.conditioning import (
 )
 from workers.masked.processors import CachedFluxAttnProcessor, RotaryEmbedding, StepCursor, UnmaskedTokens
 from workers.masked.step_tables import step_tables
+from workers.masked.text_keys import text_keys_only
 from workers.masked.token_layout import TokenLayout
 from workers.masked.transformer_blocks import blocks_in_order, swap_attention_processors
 from workers.masked.weight_packing import MIN_PACKED_STEPS, packed_linears
@@ -185,6 +186,9 @@ def _denoise_masked_tokens(
     if full_prefix_blocks > 0:
         masked_rotary = transformer.pos_embed(torch.cat((embedding.text_ids, masked_ids), dim=0))
         hooks = _install_token_gather(blocks, full_prefix_blocks, masked, masked_rotary)
+    if transformer.single_transformer_blocks and isinstance(processors[-1], CachedFluxAttnProcessor):
+        # Registered after the gather hooks, so it sees the rotary table they set.
+        hooks.append(text_keys_only(transformer.single_transformer_blocks[-1], processors[-1]))
 
     latents = trajectory[0].index_select(0, masked).unsqueeze(0)
     ids = masked_ids if full_prefix_blocks == 0 else image_ids

@@ -151,14 +151,17 @@ class CachedFluxAttnProcessor:
         self.source = source
         self.variant = variant
         self.unmasked = unmasked
+        # Keys and values (1, tokens, heads, head_dim) of tokens that attend nowhere in this call but are
+        # attended to, set before the call (see `workers.masked.text_keys`) and used once.
+        self.extra_keys: tuple[torch.Tensor, torch.Tensor] | None = None
         # Keys and values of one call, (1, heads, S_fresh + N_unmasked, head_dim), reused across steps because
         # allocating and concatenating them anew on every call costs more than the copies themselves.
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
 
-    def _buffers(self, fresh_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _buffers(self, fresh_key: torch.Tensor, extra_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch, fresh_tokens, heads, head_dim = fresh_key.shape
-        shape = (batch, heads, fresh_tokens + self.unmasked.indices.numel(), head_dim)
+        shape = (batch, heads, fresh_tokens + extra_tokens + self.unmasked.indices.numel(), head_dim)
         if self._key_buffer is None or self._key_buffer.shape != shape or self._key_buffer.dtype != fresh_key.dtype:
             self._key_buffer = fresh_key.new_empty(shape)
             self._value_buffer = fresh_key.new_empty(shape)
@@ -203,12 +206,18 @@ class CachedFluxAttnProcessor:
 
         if key.shape[0] != 1:
             raise ValueError(f"CachedFluxAttnProcessor supports batch size 1 only, got {key.shape[0]}. Run one request at a time.")
-        # Keys and values in (1, heads, tokens, head_dim): fresh text and masked tokens, then cached unmasked ones.
+        # Keys and values in (1, heads, tokens, head_dim): fresh text and masked tokens, the extra keys, then
+        # the cached unmasked tokens.
+        extra, self.extra_keys = self.extra_keys, None
         fresh_tokens = key.shape[1]
-        key_buffer, value_buffer = self._buffers(key)
+        end = fresh_tokens + (0 if extra is None else extra[0].shape[1])
+        key_buffer, value_buffer = self._buffers(key, end - fresh_tokens)
         key_buffer[:, :, :fresh_tokens].copy_(key.transpose(1, 2))
         value_buffer[:, :, :fresh_tokens].copy_(value.transpose(1, 2))
-        self._fill_cached(attn, key_buffer[0, :, fresh_tokens:], value_buffer[0, :, fresh_tokens:])
+        if extra is not None:
+            key_buffer[:, :, fresh_tokens:end].copy_(extra[0].transpose(1, 2))
+            value_buffer[:, :, fresh_tokens:end].copy_(extra[1].transpose(1, 2))
+        self._fill_cached(attn, key_buffer[0, :, end:], value_buffer[0, :, end:])
 
         attended = F.scaled_dot_product_attention(query.transpose(1, 2), key_buffer, value_buffer)
         attended = attended.transpose(1, 2).flatten(2, 3).to(query.dtype)

@@ -167,7 +167,7 @@ def stock_request(
 
 
 def uses_stock_route(shape: TransformerShape, text_tokens: int, layout: TokenLayout, variant: str) -> bool:
-    full = transformer_flops(shape, text_tokens, layout.num_tokens)
+    full = transformer_flops(shape, text_tokens, layout.num_tokens, layout.num_tokens, variant)  # type: ignore[arg-type]
     masked = transformer_flops(shape, text_tokens, layout.num_tokens, layout.num_masked, variant)  # type: ignore[arg-type]
     return masked >= STOCK_ROUTE_FLOP_FRACTION * full
 

@@ -79,7 +79,10 @@ class ModelFamily(ABC):
     def flop_fraction(
         self, pipe: Any, *, height: int, width: int, token_mask: np.ndarray, text_tokens: int, variant: str
     ) -> float:
-        """Denoiser FLOPs of a masked step over those of a stock step (1.0 when nothing is saved)."""
+        """Denoiser FLOPs of a masked step over those of the same step with every image token recomputed.
+
+        1.0 when the cache saves nothing; the routing rule and the job's `flop_fraction` use this.
+        """
 
     @abstractmethod
     def stock_edit(

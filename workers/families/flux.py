@@ -57,7 +57,9 @@ class FluxFamily(ModelFamily):
         shape = TransformerShape.from_config(pipe.transformer.config)
         image_tokens = int(np.asarray(token_mask).size)
         masked_tokens = int(np.asarray(token_mask).sum())
-        full = transformer_flops(shape, text_tokens, image_tokens)
+        # Against the masked pass with every image token recomputed, so the fraction is what the cache saves:
+        # the last block's dropped text work (workers.masked.text_keys) is saved at any mask.
+        full = transformer_flops(shape, text_tokens, image_tokens, image_tokens, variant)  # type: ignore[arg-type]
         masked = transformer_flops(shape, text_tokens, image_tokens, masked_tokens, variant)  # type: ignore[arg-type]
         return min(1.0, masked / full)
 

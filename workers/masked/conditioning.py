@@ -30,9 +30,11 @@ class PromptEmbedding:
 
 
 def encode_prompt(pipe: FluxFillPipeline, prompt: str, max_sequence_length: int) -> PromptEmbedding:
-    prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-        prompt=prompt, prompt_2=None, device=pipe._execution_device, max_sequence_length=max_sequence_length
-    )
+    # `FluxFillPipeline.__call__` runs under no_grad, but `encode_prompt` alone records autograd history.
+    with torch.no_grad():
+        prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, device=pipe._execution_device, max_sequence_length=max_sequence_length
+        )
     return PromptEmbedding(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, text_ids=text_ids)
 
 

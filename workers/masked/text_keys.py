@@ -5,9 +5,9 @@ so in that block the text tokens' queries, attention outputs, MLP and output pro
 nothing. Only their keys and values matter, because the image queries attend to them. With few masked tokens
 the text tokens are most of the block's rows (128 text against 113 image tokens at mask ratio 0.11).
 
-A forward pre-hook on the last block computes the text tokens' keys and values as the block would (its
-AdaLayerNorm, K/V projections, QK norm and rotary embedding), hands them to the block's
-`CachedFluxAttnProcessor` as extra keys, and passes the block an empty text sequence. The block code stays
+A forward pre-hook on the last block computes the text tokens' keys and values as the block would, with
+its AdaLayerNorm, K/V projections, QK norm and rotary embedding. It hands them to the block's
+`CachedFluxAttnProcessor` as extra keys and passes the block an empty text sequence. The block code stays
 stock, and the image tokens' result equals the stock computation up to float rounding.
 """
 

@@ -1,9 +1,9 @@
 """Linear weights packed once per masked request for MKL's GEMM on CPU.
 
 A plain float32 `F.linear` on CPU repacks the weight matrix into the GEMM kernel's layout on every call.
-With thousands of rows that copy is small next to the arithmetic, but a masked pass multiplies a few
+With thousands of rows that copy is small next to the arithmetic. A masked pass, though, multiplies a few
 hundred rows (text and masked tokens) by each weight, once per step, so the copy becomes a large part of
-each call: on a 2-core x86 machine, projections of 113 rows ran at 80-85% of the rate of 1152 rows.
+each call. On a 2-core x86 machine, projections of 113 rows ran at 80-85% of the rate of 1152 rows.
 `packed_linears` packs each weight for the row count it is called with, on its first call, and
 reuses the packed copy on the later steps of the same request (`torch.ops.mkl._mkl_linear`, the kernel
 PyTorch's compiler uses for frozen CPU models). The packed copies live only for the request, and the stock

@@ -275,6 +275,7 @@ def browser_messages() -> dict[str, str]:
             "job_lost": _("This job no longer exists, for example because its template was deleted. Start a new edit."),
             "job_lost_status": _("not found"),
             "active_job_loaded": _("The form shows job %(id)s, which is still running: its mask, prompt and settings."),
+            "queued_job_loaded": _("The form shows job %(id)s, which is still queued: its mask, prompt and settings."),
             # The script picks the first form for a count of 1 and the second for other counts, which is the
             # plural rule of English; Japanese has one form for every count.
             "other_active_jobs_one": other_active_jobs_message(1),

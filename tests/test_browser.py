@@ -751,7 +751,7 @@ def test_reload_shows_active_job(browser, live_server, alice, no_warmups, media_
     assert mask_coverage_percent(page) == pytest.approx(painted, abs=0.2)
     assert page.input_value("#prompt") == ENGLISH.prompt
     assert page.input_value("#steps") == "7"
-    assert page.inner_text("#mask-status") == f"The form shows job {job_id}, which is still running: its mask, prompt and settings."
+    assert page.inner_text("#mask-status") == f"The form shows job {job_id}, which is still queued: its mask, prompt and settings."
 
     run_job_to_success(job_id)
     page.wait_for_selector("#result-panel:not([hidden])")

@@ -554,14 +554,15 @@ async function resumeActiveJob() {
   showOtherActiveJobs(active.count - 1);
 }
 
-/** Fill the form with a job's prompt, settings and mask, so the page shows what the running job edits. */
+/** Fill the form with a job's prompt, settings and mask, so the page shows what the queued or running job edits. */
 async function showJobSettings(job) {
   $("prompt").value = job.prompt;
   $("seed").value = job.seed;
   $("steps").value = job.steps;
   $("guidance").value = job.guidance;
   updatePromptCounter();
-  await loadJobMask(config.job_mask_url.replace("{id}", job.id), format(messages.active_job_loaded, { id: job.id }));
+  const loaded = job.status === "queued" ? messages.queued_job_loaded : messages.active_job_loaded;
+  await loadJobMask(config.job_mask_url.replace("{id}", job.id), format(loaded, { id: job.id }));
 }
 
 // --- Prompt length.

@@ -507,10 +507,12 @@ function showOtherActiveJobs(count) {
   $("job-others-text").textContent = format(message, { count });
 }
 
+// While the notice of other active jobs shows, its count is refreshed this often (two job-list requests).
+const OTHER_JOBS_REFRESH_MS = 5000;
+
 /**
- * Count the other active jobs again, after the panel's job was submitted or has ended.
- *
- * The count is not polled, so a job that ends between two updates is still counted until the next one.
+ * Count the other active jobs again: after the panel's job was submitted or has ended, and every
+ * OTHER_JOBS_REFRESH_MS while the notice shows, so jobs that end elsewhere leave the count.
  */
 async function updateOtherActiveJobs() {
   const update = ++state.otherJobsUpdate;
@@ -590,6 +592,9 @@ async function start() {
   $("prompt").addEventListener("input", updatePromptCounter);
   updatePromptCounter();
   onMaskChange();
+  setInterval(() => {
+    if (!$("job-others").hidden && document.visibilityState === "visible") updateOtherActiveJobs();
+  }, OTHER_JOBS_REFRESH_MS);
   await loadTemplates(config.templates_url);
   if (config.prefill) await applyPrefill(config.prefill);
   await resumeActiveJob();

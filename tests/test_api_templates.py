@@ -118,8 +118,15 @@ def test_delete_template(api_client_for, media_root):
 
 def test_anonymous_request_is_rejected(client):
     response = client.get("/api/templates/")
+    japanese = client.get("/api/templates/", HTTP_ACCEPT_LANGUAGE="ja")
+
     assert response.status_code == 401
     assert response["WWW-Authenticate"] == "Token"
+    assert "POST /api/token/" in response.json()["detail"]
+    assert "Authorization: Token <token>" in response.json()["detail"]
+    assert japanese.status_code == 401
+    assert "POST /api/token/" in japanese.json()["detail"]
+    assert JAPANESE.search(japanese.json()["detail"])
 
 
 def test_token_endpoint_gives_working_token(client, django_user_model, media_root):

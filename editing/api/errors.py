@@ -1,4 +1,5 @@
-"""API exception handler: 404s that name the id, never 500s, and 415s that name the accepted content types."""
+"""API exception handler: 404s that name the id, never 500s, 415s that name the accepted content types, and
+401s that say how to authenticate."""
 
 from __future__ import annotations
 
@@ -37,7 +38,14 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         return Response({"detail": not_found_detail(context)}, status=status.HTTP_404_NOT_FOUND)
     if isinstance(exc, exceptions.UnsupportedMediaType):
         return Response({"detail": unsupported_media_detail(context)}, status=status.HTTP_415_UNSUPPORTED_MEDIA_TYPE)
-    return drf_exception_handler(exc, context)
+    response = drf_exception_handler(exc, context)
+    if isinstance(exc, exceptions.NotAuthenticated) and response is not None:
+        # DRF's handler sets the 401 status and its WWW-Authenticate header; only the message changes.
+        response.data = {"detail": _(
+            "Authentication credentials were not provided. Get a token with POST /api/token/ (username and "
+            "password) and send it as the header 'Authorization: Token <token>', or log in to the web page."
+        )}
+    return response
 
 
 def unsupported_media_detail(context: dict) -> str:

@@ -24,11 +24,12 @@ class CacheSettings:
     directory: Path = Path("var/cache")
     policy: str = DEFAULT_POLICY
     codec: Codec = DEFAULT_CODEC
+    write_through: bool = True
 
     @classmethod
     def from_env(cls) -> CacheSettings:
-        """Read EDITOR_CACHE_BYTES, EDITOR_CACHE_DISK_BYTES, EDITOR_CACHE_DIR, EDITOR_CACHE_POLICY and
-        EDITOR_CACHE_DTYPE; unset variables keep the defaults of this class."""
+        """Read EDITOR_CACHE_BYTES, EDITOR_CACHE_DISK_BYTES, EDITOR_CACHE_DIR, EDITOR_CACHE_POLICY,
+        EDITOR_CACHE_DTYPE and EDITOR_CACHE_WRITE_THROUGH; unset variables keep the defaults of this class."""
         defaults = cls()
         policy = os.environ.get("EDITOR_CACHE_POLICY") or defaults.policy
         if policy not in POLICY_NAMES:
@@ -39,7 +40,19 @@ class CacheSettings:
             directory=Path(os.environ.get("EDITOR_CACHE_DIR") or defaults.directory),
             policy=policy,
             codec=check_codec(os.environ.get("EDITOR_CACHE_DTYPE") or defaults.codec),
+            write_through=_read_switch("EDITOR_CACHE_WRITE_THROUGH", defaults.write_through),
         )
+
+
+def _read_switch(name: str, default: bool) -> bool:
+    raw = (os.environ.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={raw!r} is not a switch; pass 1 or 0.")
 
 
 def _read_bytes(name: str, default: int) -> int:
@@ -61,4 +74,7 @@ def build_store(settings: CacheSettings | None = None, metrics: CacheMetrics | N
     metrics = metrics or CacheMetrics()
     disk = DiskTier(settings.directory, settings.disk_bytes, metrics) if settings.disk_bytes > 0 else None
     policy = create_policy(settings.policy, max(1, settings.memory_bytes))
-    return ActivationStore(settings.memory_bytes, policy, disk=disk, codec=settings.codec, metrics=metrics)
+    return ActivationStore(
+        settings.memory_bytes, policy, disk=disk, codec=settings.codec, metrics=metrics,
+        write_through=settings.write_through,
+    )

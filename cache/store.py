@@ -64,7 +64,8 @@ class ActivationStore:
     """Thread-safe memory tier of the activation cache under `budget_bytes` (EDITOR_CACHE_BYTES).
 
     `codec` encodes tensors given to `put_tensors`. `reservation_timeout_s` bounds how long a
-    request waits for bytes reserved by other in-flight loads before it gives up.
+    request waits for bytes reserved by other in-flight loads before it gives up. With `write_through`,
+    an entry stored in memory is also written to the disk tier, so it outlives the process.
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class ActivationStore:
         codec: Codec = "fp16",
         metrics: CacheMetrics | None = None,
         reservation_timeout_s: float = 30.0,
+        write_through: bool = False,
     ) -> None:
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes={budget_bytes} is invalid; pass 0 (memory tier off) or more.")
@@ -85,7 +87,11 @@ class ActivationStore:
         self.codec = check_codec(codec)
         self.metrics = metrics or (disk.metrics if disk is not None else CacheMetrics())
         self.reservation_timeout_s = reservation_timeout_s
+        self.write_through = write_through
         self._condition = threading.Condition(threading.Lock())
+        # Digests being written through to disk, and those of them that drop() removed meanwhile.
+        self._writing_through: set[str] = set()
+        self._dropped_while_writing: set[str] = set()
         self._entries: dict[str, tuple[CacheKey, CacheEntry]] = {}
         self._spilling: dict[str, tuple[CacheKey, CacheEntry]] = {}
         self._loading: dict[str, threading.Event] = {}
@@ -213,6 +219,7 @@ class ActivationStore:
             self._release(reservation)
             raise
         self._commit(key, entry, reservation)
+        self._write_through(key, entry)
         return "memory"
 
     def put(self, key: CacheKey, entry: CacheEntry) -> Tier | None:
@@ -221,6 +228,7 @@ class ActivationStore:
         if reservation is None:
             return self._write_to_disk(key, entry)
         self._commit(key, entry, reservation)
+        self._write_through(key, entry)
         return "memory"
 
     def _reserve_for_put(self, key: CacheKey, size: int) -> _Reservation | None:
@@ -233,6 +241,30 @@ class ActivationStore:
             self.metrics.increment("editor_cache_rejections_total", tier="memory", reason="too_large")
             return None
         return self._reserve(key.digest(), size)
+
+    def _write_through(self, key: CacheKey, entry: CacheEntry) -> None:
+        """Copy an entry just stored in memory to the disk tier when `write_through` is on."""
+        if not self.write_through or self.disk is None or self.disk.contains(key):
+            return
+        digest = key.digest()
+        with self._condition:
+            self._writing_through.add(digest)
+        try:
+            self.disk.write(key, entry)
+        finally:
+            with self._condition:
+                self._writing_through.discard(digest)
+                dropped = digest in self._dropped_while_writing
+                self._dropped_while_writing.discard(digest)
+        if dropped:
+            # drop() ran during the write; do not bring the entry back.
+            self.disk.remove(key)
+            return
+        with self._condition:
+            in_memory = digest in self._entries
+        if in_memory:
+            # The disk write recorded the key as on disk; it is still served from memory first.
+            self.metrics.key_placed(digest, "memory", entry.nbytes)
 
     def _write_to_disk(self, key: CacheKey, entry: CacheEntry) -> Tier | None:
         if self.disk is not None and self.disk.write(key, entry):
@@ -247,6 +279,8 @@ class ActivationStore:
     def drop_digest(self, digest: str) -> bool:
         """Remove the entry whose key has this `CacheKey.digest()` from every tier; True if it was stored."""
         with self._condition:
+            if digest in self._writing_through:
+                self._dropped_while_writing.add(digest)
             found = self._entries.pop(digest, None)
             if found is not None:
                 self._resident -= found[1].nbytes

@@ -96,11 +96,14 @@ def test_settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.setenv("EDITOR_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("EDITOR_CACHE_POLICY", "lfu")
     monkeypatch.setenv("EDITOR_CACHE_DTYPE", "int8")
+    monkeypatch.setenv("EDITOR_CACHE_WRITE_THROUGH", "off")
 
     settings = CacheSettings.from_env()
     store = build_store(settings)
 
-    assert settings == CacheSettings(4096, 0, tmp_path, "lfu", "int8")
+    assert settings == CacheSettings(4096, 0, tmp_path, "lfu", "int8", write_through=False)
+    assert not store.write_through
+    assert CacheSettings().write_through
     assert store.disk is None
     assert store.policy.name == "lfu"
     assert store.codec == "int8"
@@ -113,6 +116,7 @@ def test_settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
         ("EDITOR_CACHE_DISK_BYTES", "-1", "negative"),
         ("EDITOR_CACHE_POLICY", "arc", "not supported"),
         ("EDITOR_CACHE_DTYPE", "int4", "not supported"),
+        ("EDITOR_CACHE_WRITE_THROUGH", "maybe", "not a switch"),
     ],
 )
 def test_settings_reject_invalid(monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str) -> None:

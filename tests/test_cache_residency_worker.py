@@ -53,8 +53,9 @@ def tier_of(warmup: CacheWarmup) -> str:
 def test_restart_and_delete_update_worker_cache(worker_env, media_root, make_user, settings, tmp_path):
     settings.EDITOR_WARMUP_ON_CREATE = False
     cache_dir = tmp_path / "cache"
+    # Without write-through, memory entries are lost with the process, which the records must show.
     env = {**worker_env, "EDITOR_CACHE_DIR": str(cache_dir), "EDITOR_CACHE_POLICY": "lru",
-           "EDITOR_ENGINE_MAX_BATCH": "1"}
+           "EDITOR_ENGINE_MAX_BATCH": "1", "EDITOR_CACHE_WRITE_THROUGH": "0"}
     name = f"residency-{uuid.uuid4().hex[:6]}"
     command = worker_command([QUEUE], name=name, batch=1)
     owner = make_user()
@@ -94,3 +95,22 @@ def test_restart_and_delete_update_worker_cache(worker_env, media_root, make_use
         template.delete()
         twin.delete()
         wait_for(lambda: not file_of(spilled).exists(), "the worker did not delete the dropped entry's file")
+
+
+def test_written_through_entry_survives_restart(worker_env, media_root, make_user, settings, tmp_path):
+    """With write-through (the default) a warm-up's entry is on disk too, so a restart keeps it as `disk`."""
+    settings.EDITOR_WARMUP_ON_CREATE = False
+    cache_dir = tmp_path / "cache"
+    env = {**worker_env, "EDITOR_CACHE_DIR": str(cache_dir), "EDITOR_ENGINE_MAX_BATCH": "1"}
+    env.pop("EDITOR_CACHE_WRITE_THROUGH", None)
+    command = worker_command([QUEUE], name=f"through-{uuid.uuid4().hex[:6]}", batch=1)
+    image = np.random.default_rng(4).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    template = services.create_template(owner=make_user(), name="kept", image=image)
+
+    with running_worker(command, env, [QUEUE], tmp_path / "worker-1.log"):
+        warmed = warm(template, seed=0)
+    assert warmed.cache_tier == "memory"
+    assert (cache_dir / f"{warmed.cache_key}.safetensors").exists()
+
+    with running_worker(command, env, [QUEUE], tmp_path / "worker-2.log"):
+        wait_for(lambda: tier_of(warmed) == "disk", "the restarted worker did not find the entry on disk")

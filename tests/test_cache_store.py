@@ -101,6 +101,35 @@ def test_store_drop_removes_every_tier(tmp_path: Path) -> None:
     assert store.stats().resident_bytes == 0
 
 
+def test_store_write_through_outlives_the_store(tmp_path: Path) -> None:
+    budget = 2 * entry_bytes()
+    store = ActivationStore(budget, LruPolicy(), disk=DiskTier(tmp_path / "disk", 1 << 24), write_through=True)
+    key = make_key(0)
+
+    assert store.put_tensors(key, activations(), steps=2, blocks=2) == "memory"
+    assert store.tier_of(key) == "memory"
+    assert store.disk.path_of(key).exists()
+    assert {row.digest: row.tier for row in store.metrics.key_summaries()}[key.digest()] == "memory"
+
+    # A new process's store on the same folder finds the entry on disk.
+    restarted = ActivationStore(budget, LruPolicy(), disk=DiskTier(tmp_path / "disk", 1 << 24), write_through=True)
+    assert restarted.tier_of(key) == "disk"
+    entry = restarted.get(key)
+    assert entry is not None
+    assert torch.allclose(entry.decode("s001.b01.k"), activations()["s001.b01.k"], rtol=1e-3, atol=1e-2)
+
+    assert restarted.drop(key)
+    assert not restarted.disk.path_of(key).exists()
+
+
+def test_store_without_write_through_keeps_disk_empty(tmp_path: Path) -> None:
+    store = make_store(tmp_path, entries=2)
+    store.put_tensors(make_key(0), activations(), steps=2, blocks=2)
+
+    assert store.tier_of(make_key(0)) == "memory"
+    assert not store.disk.path_of(make_key(0)).exists()
+
+
 def test_store_drop_by_digest_deletes_file(tmp_path: Path) -> None:
     store = make_store(tmp_path, entries=1)
     store.put_tensors(make_key(0), activations(), steps=2, blocks=2)

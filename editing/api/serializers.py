@@ -101,8 +101,8 @@ class WarmupSerializer(serializers.ModelSerializer):
         extra_kwargs = {
             "cache_tier": {"help_text": (
                 "Tier of the entry on the worker that stored it: memory, disk, or none. Set when the warm-up "
-                "stores it, and updated when the worker restarts or drops the entry. A move from memory to disk "
-                "by eviction shows at the next restart."
+                "stores it, and updated when the worker restarts or drops the entry. With write-through (the "
+                "default) a memory entry is on disk too and shows as disk after a restart."
             )},
             "dropped_at": {"help_text": "When the cache was dropped; jobs no longer use it. Null while it is valid."},
         }

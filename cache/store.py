@@ -257,13 +257,13 @@ class ActivationStore:
                 dropped = digest in self._dropped_while_writing
                 self._dropped_while_writing.discard(digest)
         if dropped:
-            # drop() ran during the write; do not bring the entry back.
+            # drop() ran during the write, so the file must not bring the entry back.
             self.disk.remove(key)
             return
         with self._condition:
             in_memory = digest in self._entries
         if in_memory:
-            # The disk write recorded the key as on disk; it is still served from memory first.
+            # The disk write recorded the key as on disk, but memory still serves it first.
             self.metrics.key_placed(digest, "memory", entry.nbytes)
 
     def _write_to_disk(self, key: CacheKey, entry: CacheEntry) -> Tier | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import subprocess
 import sys
@@ -87,8 +88,21 @@ def test_edit_rejects_missing_file(demo_user, mask_file, tmp_path, settings):
 def test_edit_rejects_wrong_size_mask(demo_user, tmp_path, settings):
     small = tmp_path / "small.png"
     small.write_bytes(png_bytes(stroke_mask(100, 50)))
-    with pytest.raises(CommandError, match="mask"):
+    with pytest.raises(CommandError, match=f"^--mask {small}: "):
         call_command("edit", image=PHOTOS / "coffee.png", mask=small, prompt="x", out=tmp_path / "o.png")
+
+
+@pytest.mark.django_db
+def test_edit_names_option_of_unreadable_image(demo_user, mask_file, tmp_path, caplog):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    caplog.set_level(logging.INFO)
+    with pytest.raises(CommandError, match=f"^--image {text}: "):
+        call_command("edit", image=text, mask=mask_file, prompt="x", out=tmp_path / "o.png")
+
+    # The service's INFO line about the rejected upload repeats the error; -v 2 would show it.
+    assert not [record for record in caplog.records if record.name.startswith("editing")]
+    assert logging.getLogger("editing").level == logging.NOTSET
 
 
 @pytest.mark.django_db

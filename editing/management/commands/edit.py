@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -44,6 +45,18 @@ class Command(BaseCommand):
         parser.add_argument("--model", default="", help="Served model name (default: the first in EDITOR_MODELS).")
 
     def handle(self, *args, **options) -> None:
+        service_logger = logging.getLogger("editing")
+        level = service_logger.level
+        if options["verbosity"] < 2:
+            # The service logs what this command prints (a rejected upload, a submitted job) at INFO on
+            # stderr; -v 2 shows those lines too.
+            service_logger.setLevel(logging.WARNING)
+        try:
+            self.edit(options)
+        finally:
+            service_logger.setLevel(level)
+
+    def edit(self, options: dict) -> None:
         error = generation_error(seed=options["seed"], steps=options["steps"], guidance=options["guidance"])
         if error is not None:
             raise CommandError(f"--{error[1]}")
@@ -105,7 +118,8 @@ class Command(BaseCommand):
             imaging.check_template_shape(image.shape[1], image.shape[0])
             mask = imaging.read_mask(mask_path.read_bytes(), size=(image.shape[1], image.shape[0]), **limits)
         except imaging.ImageRuleError as error:
-            raise CommandError(f"{error.field}: {error}") from None
+            option, path = ("--mask", mask_path) if error.field == "mask" else ("--image", image_path)
+            raise CommandError(f"{option} {path}: {error}") from None
         return image, mask
 
     def check_output_path(self, out: Path) -> None:

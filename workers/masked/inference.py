@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,10 +126,7 @@ def denoise_masked(
     with torch.inference_mode():
         if full_prefix_blocks >= total_blocks:
             return _denoise_all_tokens(pipe, activations.latents[0], inputs, on_step)
-        if inputs.steps < MIN_PACKED_STEPS:
-            return _denoise_masked_tokens(pipe, activations, inputs, full_prefix_blocks, source, on_step)
-        with packed_linears(transformer):
-            return _denoise_masked_tokens(pipe, activations, inputs, full_prefix_blocks, source, on_step)
+        return _denoise_masked_tokens(pipe, activations, inputs, full_prefix_blocks, source, on_step)
 
 
 def _denoise_all_tokens(
@@ -194,7 +192,9 @@ def _denoise_masked_tokens(
     ids = masked_ids if full_prefix_blocks == 0 else image_ids
     original = swap_attention_processors(transformer, processors)
     try:
-        with step_tables(transformer, cursor, timesteps, guidance, embedding, ids):
+        # The tables come first: their projections run once, so packing their weights would not pay.
+        packing = packed_linears(transformer) if inputs.steps >= MIN_PACKED_STEPS else contextlib.nullcontext()
+        with step_tables(transformer, cursor, timesteps, guidance, embedding, ids), packing:
             for index, t in enumerate(timesteps):
                 cursor.step = index
                 if full_prefix_blocks == 0:

@@ -231,8 +231,8 @@ def request_flop_limit(
 def packed_full_pass_speedup(pipe: FluxFillPipeline, text_tokens: int, steps: int) -> float | None:
     """Time `steps` all-token transformer passes with plain and with per-request packed linear weights.
 
-    The masked path packs its weights (workers/masked/weight_packing.py); this ratio says how much of a row's
-    speedup packing alone would give the stock computation. None when packing does not apply here.
+    The masked path packs its weights (workers/masked/weight_packing.py), and this ratio is the part of a row's
+    speedup that packing alone would give the stock computation. Return None when packing does not apply here.
     """
     embedding = encode_prompt(pipe, EDIT_PROMPT, text_tokens)
     timesteps = prepare_timesteps(pipe, SIZE, SIZE, steps)

@@ -141,7 +141,7 @@ class DiskTier:
         return self.contains_digest(key.digest())
 
     def contains_digest(self, digest: str) -> bool:
-        """True when the tier holds the entry whose key has this `CacheKey.digest()`."""
+        """Return True when the tier contains the entry whose key has this `CacheKey.digest()`."""
         with self._lock:
             return digest in self._files
 

@@ -183,7 +183,7 @@ def test_composite_keeps_pixels_outside_feather(pipe, activations, template) -> 
     assert np.array_equal(result.image[mask], result.generated[mask])
 
 
-def test_flop_limit_for_full_mask_saves_only_the_last_blocks_text_work(pipe) -> None:
+def test_full_mask_saves_last_block_text_work(pipe) -> None:
     shape = TransformerShape.from_config(pipe.transformer.config)
     d, f, text = shape.hidden, shape.mlp_hidden, 128
     # The last block's text tokens skip their Q projection, MLP, output projection and attention queries.

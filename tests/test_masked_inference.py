@@ -302,7 +302,7 @@ def test_masked_run_restores_processors_and_hooks(pipe, embedding, cache, full_p
 
 @pytest.mark.parametrize("full_prefix_blocks", [0, 1])
 def test_last_block_runs_on_masked_image_tokens_only(pipe, embedding, cache, full_prefix_blocks) -> None:
-    """The text tokens' outputs of the last block are dropped, so its MLP sees the masked image tokens alone."""
+    """The text tokens' outputs of the last block are dropped, so its MLP receives the masked image tokens alone."""
     rows: list[int] = []
     last = pipe.transformer.single_transformer_blocks[-1]
     hook = last.proj_mlp.register_forward_hook(lambda _module, args, _output: rows.append(args[0].shape[1]))

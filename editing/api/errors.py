@@ -1,5 +1,5 @@
 """API exception handler: 404s that name the id, never 500s, 415s that name the accepted content types, and
-401s that say how to authenticate."""
+401s that explain how to authenticate."""
 
 from __future__ import annotations
 

@@ -185,7 +185,7 @@ def _denoise_masked_tokens(
         masked_rotary = transformer.pos_embed(torch.cat((embedding.text_ids, masked_ids), dim=0))
         hooks = _install_token_gather(blocks, full_prefix_blocks, masked, masked_rotary)
     if transformer.single_transformer_blocks and isinstance(processors[-1], CachedFluxAttnProcessor):
-        # Registered after the gather hooks, so it sees the rotary table they set.
+        # Registered after the gather hooks, so it receives the rotary table they set.
         hooks.append(text_keys_only(transformer.single_transformer_blocks[-1], processors[-1]))
 
     latents = trajectory[0].index_select(0, masked).unsqueeze(0)

@@ -10,7 +10,7 @@ PyTorch's compiler uses for frozen CPU models). The packed copies live only for 
 `nn.Linear` modules are back in place afterwards.
 
 Packing applies on CPU, in float32, where PyTorch has MKL, and when the model's linear weights fit
-`EDITOR_PACK_WEIGHTS_MAX_MB` (each packed copy takes about as much memory as the weight);
+`EDITOR_PACK_WEIGHTS_MAX_MB`, because each packed copy takes about as much memory as its weight.
 `EDITOR_PACK_WEIGHTS=0` turns it off. Results equal plain `F.linear` up to float rounding.
 """
 
@@ -74,7 +74,7 @@ def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def packable_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
-    """The model's float32 CPU linear layers, or none when packing is off, unavailable or over budget."""
+    """Return the model's float32 CPU linear layers, or none when packing is off, unavailable or over budget."""
     if not packing_enabled() or not mkl_packing_available():
         return []
     # Layers whose forward something else already replaced (accelerate's offload hooks) keep it.

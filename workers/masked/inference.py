@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from workers.masked.step_tables import step_tables
 from workers.masked.text_keys import text_keys_only
 from workers.masked.token_layout import TokenLayout
 from workers.masked.transformer_blocks import blocks_in_order, swap_attention_processors
-from workers.masked.weight_packing import MIN_PACKED_STEPS, packed_linears
+from workers.masked.weight_packing import packed_linears
 
 logger = logging.getLogger(__name__)
 
@@ -192,9 +191,8 @@ def _denoise_masked_tokens(
     ids = masked_ids if full_prefix_blocks == 0 else image_ids
     original = swap_attention_processors(transformer, processors)
     try:
-        # The tables come first: their projections run once, so packing their weights would not pay.
-        packing = packed_linears(transformer) if inputs.steps >= MIN_PACKED_STEPS else contextlib.nullcontext()
-        with step_tables(transformer, cursor, timesteps, guidance, embedding, ids), packing:
+        # The tables are built before packing starts: their projections run once per request.
+        with step_tables(transformer, cursor, timesteps, guidance, embedding, ids), packed_linears(transformer):
             for index, t in enumerate(timesteps):
                 cursor.step = index
                 if full_prefix_blocks == 0:

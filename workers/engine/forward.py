@@ -6,7 +6,8 @@ modulation. Double blocks get the image temb as their `temb` argument, and a for
 hands `norm1_context` the text tokens' temb instead. Single blocks get all tokens (text first) as
 `hidden_states` and an empty (N, 0, D) `encoder_hidden_states`, which their concatenation on dim 1 leaves
 unchanged. Checked against FluxTransformerBlock and FluxSingleTransformerBlock of diffusers 0.42.1.
-The modulation projections run once per request (see `workers.engine.modulation`).
+The modulation projections run once per request (see `workers.engine.modulation`). On CPU in float32 the
+other linear layers run on weights packed once per process (see `workers.masked.weight_packing`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from workers.engine.attention import PackedFluxAttnProcessor
 from workers.engine.modulation import shared_modulation
 from workers.engine.packing import PackedStep
 from workers.masked.transformer_blocks import blocks_in_order, swap_attention_processors
+from workers.masked.weight_packing import packed_linears
 
 
 @contextmanager
@@ -72,6 +74,7 @@ def packed_forward(transformer: FluxTransformer2DModel, packed: PackedStep) -> t
         _packed_processors(transformer, packed),
         _text_temb(transformer, text_temb),
         shared_modulation(transformer, layout),
+        packed_linears(transformer),
     ):
         for block in transformer.transformer_blocks:
             text_states, hidden_states = block(

@@ -15,7 +15,7 @@ from tests.conftest import ROOT
     [
         (["--repeats", "0"], "--repeats 0 must be 1 or more"),
         (["--threads", "0"], "--threads 0 must be 1 or more"),
-        (["--preset", "bench-wide", "--family", "sd3"], "--preset bench-wide exists for Flux only; add --family flux"),
+        (["--preset", "bench", "--family", "sd3"], "--preset bench sets the Flux model only; add --family flux"),
         (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
     ],
 )

@@ -108,6 +108,9 @@ PRESETS: dict[str, DemoPreset] = {
     # The same six blocks at hidden size 16 heads x 64 = 1024: about 4x the linear-layer FLOPs per token, so the
     # VAE, prompt and PNG steps that do not shrink with the mask are a smaller share of a request.
     "bench-wide": DemoPreset(2, 4, 16, 64, (16, 24, 24), (16, 32, 32, 32), 64, 64),
+    # Twice the blocks of bench-wide (4 double-stream + 8 single-stream). The real Flux Fill has 19 + 38
+    # blocks at hidden size 3072, so there the transformer's share of a request is larger still.
+    "bench-large": DemoPreset(4, 8, 16, 64, (16, 24, 24), (16, 32, 32, 32), 64, 64),
     # Smallest useful model for unit tests: hidden size 64.
     "test": DemoPreset(1, 1, 4, 16, (4, 6, 6), (16, 16, 16, 16), 32, 32),
 }

@@ -107,7 +107,8 @@ def packed_copy(linear: torch.nn.Linear) -> torch.Tensor:
 
 def packed_bytes() -> int:
     """Memory held by the packed copies of this process."""
-    return sum(copy.nbytes for copy in list(_copies.values()))
+    with _copies_lock:
+        return sum(copy.nbytes for copy in _copies.values())
 
 
 def forget_packed_copies() -> None:

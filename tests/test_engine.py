@@ -20,6 +20,7 @@ from tests.test_masked_inference import (
     template_image,
 )
 from workers.engine import CacheLookupError, Engine, EngineRequest, RequestCancelled, RequestStatus
+from workers.masked import weight_packing
 from workers.masked.activations import BlockActivations, TemplateActivations
 from workers.masked.conditioning import PromptEmbedding, embedding_from_tensors
 from workers.masked.inference import MaskedDenoiseInputs, denoise_masked, prepare_masked_inputs
@@ -128,6 +129,25 @@ def test_batched_matches_unbatched_with_joins(pipe, cases) -> None:
     assert [sample.admitted for sample in engine.stats.samples()][:3] == [2, 0, 2]
     assert engine.stats.steps_run == len(engine.stats.overhead_s)
     assert all(overhead >= 0 for overhead in engine.stats.overhead_s)
+
+
+def test_engine_uses_packed_weights(pipe, cases, monkeypatch) -> None:
+    """A packed copy 5% off its weight must show in the engine's result, so the engine runs on packed copies."""
+    if not weight_packing.mkl_packing_available():
+        pytest.skip("this PyTorch build has no MKL packed GEMM")
+    pack = weight_packing.pack_weight
+    monkeypatch.setattr(weight_packing, "MIN_PACKED_ROWS", 1)
+    monkeypatch.setattr(weight_packing, "pack_weight", lambda weight: pack(weight * 1.05))
+    weight_packing.forget_packed_copies()
+    try:
+        engine = Engine(pipe)
+        handle = engine.submit(cases[0].request())
+        engine.run_until_idle()
+        result = handle.result(timeout=0)
+    finally:
+        weight_packing.forget_packed_copies()
+
+    assert relative_difference(result, cases[0].expected) > 100 * TOLERANCE
 
 
 @pytest.mark.parametrize("wrong_index", [0, 1])  # a "kv" and a "hidden" cache

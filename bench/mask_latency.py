@@ -57,8 +57,8 @@ FEATHER_PX = 8
 DILATION_TOKENS = 1
 WARMUP_PROMPT = ""
 EDIT_PROMPT = "replace the helmet with a bouquet of red flowers"
-# Same rule as the worker's cache policy (workers/caching.py): a masked pass that still needs at least 90%
-# of the full transformer FLOPs runs the stock computation instead.
+# Same rule as BYPASS_FLOP_FRACTION of the worker's cache policy (workers/caching.py, which imports Django
+# models): a masked pass that still needs at least 90% of the full transformer FLOPs runs the stock computation.
 STOCK_ROUTE_FLOP_FRACTION = 0.9
 
 
@@ -171,12 +171,6 @@ def stock_request(
     return encode_png(composite(image, generated, feather_alpha(mask, FEATHER_PX)))
 
 
-def uses_stock_route(shape: TransformerShape, text_tokens: int, layout: TokenLayout, variant: str) -> bool:
-    full = transformer_flops(shape, text_tokens, layout.num_tokens, layout.num_tokens, variant)  # type: ignore[arg-type]
-    masked = transformer_flops(shape, text_tokens, layout.num_tokens, layout.num_masked, variant)  # type: ignore[arg-type]
-    return masked >= STOCK_ROUTE_FLOP_FRACTION * full
-
-
 def worker_request(
     pipe: FluxFillPipeline,
     activations: TemplateActivations,
@@ -285,10 +279,14 @@ def measure_row(
     outside: dict[str, float],
 ) -> Row:
     mask = brush_mask(target_ratio)
-    layout = TokenLayout.from_pixel_mask(mask, patch=2 * pipe.vae_scale_factor, dilation=DILATION_TOKENS)
+    tokens = token_mask(mask, patch=2 * pipe.vae_scale_factor, dilation=DILATION_TOKENS)
+    layout = TokenLayout.from_token_mask(tokens)
     shape = TransformerShape.from_config(pipe.transformer.config)
     variant = activations.metadata.variant
-    stock_route = uses_stock_route(shape, text_tokens, layout, variant)
+    fraction = get_family("flux").flop_fraction(
+        pipe, height=SIZE, width=SIZE, token_mask=tokens, text_tokens=text_tokens, variant=variant
+    )
+    stock_route = fraction >= STOCK_ROUTE_FLOP_FRACTION
 
     baseline_times: list[tuple[float, float]] = []
     cached_times: list[tuple[float, float]] = []

@@ -33,7 +33,7 @@ def small_mlp() -> torch.nn.Sequential:
     return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16, bias=False))
 
 
-def test_packed_layers_match_plain_for_any_row_count() -> None:
+def test_one_copy_serves_any_row_count() -> None:
     model = small_mlp()
     inputs = [torch.randn(1, rows, 32) for rows in (16, 40, 23)]
     expected = [model(x) for x in inputs]
@@ -85,7 +85,7 @@ def test_few_rows_stay_plain() -> None:
 
 
 def test_budget_counts_copies_of_other_models(monkeypatch) -> None:
-    """Each model has a 2 MiB weight; a 3 MB budget has room for the packed copy of one."""
+    """Each model has a 2 MiB weight, and a budget of 3 (MiB) has room for the packed copy of one."""
     monkeypatch.setenv("EDITOR_PACK_WEIGHTS_MAX_MB", "3")
     first, second = torch.nn.Linear(512, 1024), torch.nn.Linear(512, 1024)
     with packed_linears(first) as packed_first:

@@ -12,9 +12,10 @@ folder under var/bench/. The systems differ only in the service's own settings (
 * `batched`: as `masked`, up to four requests per engine step;
 * `routed`: as `batched`, with cost-based routing of jobs to workers.
 
-Before the timed trace the templates are uploaded and, for cache systems, warmed. Each warm-up runs on
-whichever worker takes it, because each worker has its own cache. Then each worker completes one untimed job,
-so model loading is not timed.
+Before the timed trace the templates are uploaded and, for cache systems, warmed. Each worker has its own
+cache, so by default every template is warmed on every worker (`POST /api/templates/{id}/warm-all/`), as in
+a service whose templates have been in use for a while; `--warm-on one` warms each template on whichever
+worker takes it. Then each worker completes one untimed job, so model loading is not timed.
 
 The trace has Poisson arrivals and Zipf template popularity. Mask token ratios come from a Beta distribution
 with the set's mean, built as brush ellipses at random places. Seed, steps and guidance are fixed so caches
@@ -142,6 +143,9 @@ class BenchConfig:
     systems: tuple[str, ...]
     out_dir: Path
     quick: bool
+    # "every": each template is warmed on every worker (POST .../warm-all/), the steady state of a service
+    # whose templates are all in use. "one": one warm-up per template, on whichever worker takes it.
+    warm_on: str = "every"
 
 
 def full_config() -> BenchConfig:
@@ -620,18 +624,18 @@ class ApiClient:
         response.raise_for_status()
         return int(response.json()["id"])
 
-    def warm(self, template_id: int, *, seed: int, steps: int, guidance: float) -> None:
+    def warm(self, template_id: int, *, seed: int, steps: int, guidance: float, every_worker: bool) -> None:
+        action = "warm-all" if every_worker else "warm"
         response = self.session.post(
-            f"{self.url}/api/templates/{template_id}/warm/", json={"seed": seed, "steps": steps, "guidance": guidance},
-            timeout=REQUEST_TIMEOUT_S,
+            f"{self.url}/api/templates/{template_id}/{action}/",
+            json={"seed": seed, "steps": steps, "guidance": guidance}, timeout=REQUEST_TIMEOUT_S,
         )
         response.raise_for_status()
 
-    def cache_status(self, template_id: int) -> str | None:
-        response = self.session.get(f"{self.url}/api/templates/{template_id}/", timeout=REQUEST_TIMEOUT_S)
+    def warmup_statuses(self, template_id: int) -> list[str]:
+        response = self.session.get(f"{self.url}/api/templates/{template_id}/warmups/", timeout=REQUEST_TIMEOUT_S)
         response.raise_for_status()
-        cache = response.json().get("cache")
-        return cache["status"] if cache else None
+        return [row["status"] for row in response.json()]
 
     def submit(self, template_id: int, mask_png: bytes, prompt: str, *, seed: int, steps: int, guidance: float) -> str:
         response = self.session.post(
@@ -798,7 +802,7 @@ def prepare_requests(
 
 
 def prepare_stack(stack: ServingStack, client: ApiClient, images: list[np.ndarray], params: JobParams,
-                  priming_png: bytes) -> tuple[list[int], set[str]]:
+                  priming_png: bytes, warm_on: str) -> tuple[list[int], set[str]]:
     """Upload and warm the templates, then run untimed jobs until each worker has loaded its model.
 
     Return the template ids and the workers that loaded their model before the trace.
@@ -807,7 +811,8 @@ def prepare_stack(stack: ServingStack, client: ApiClient, images: list[np.ndarra
     template_ids = [client.upload_template(image, f"template-{index}") for index, image in enumerate(images)]
     if stack.system.cache_enabled:
         for template_id in template_ids:
-            client.warm(template_id, seed=params.seed, steps=params.steps, guidance=params.guidance)
+            client.warm(template_id, seed=params.seed, steps=params.steps, guidance=params.guidance,
+                        every_worker=warm_on == "every")
         wait_for_warmups(stack, client, template_ids)
     return template_ids, prime_workers(stack, client, template_ids, priming_png, params)
 
@@ -819,11 +824,12 @@ def wait_for_warmups(stack: ServingStack, client: ApiClient, template_ids: Seque
         if time.monotonic() > deadline:
             raise TimeoutError(f"warm-ups of templates {sorted(pending)} did not finish in {WARMUP_TIMEOUT_S:.0f} s")
         for template_id in sorted(pending):
-            status = client.cache_status(template_id)
-            if status == "succeeded":
+            statuses = client.warmup_statuses(template_id)
+            ended = [status for status in statuses if status in ("failed", "cancelled")]
+            if ended:
+                raise RuntimeError(f"a warm-up of template {template_id} ended {ended[0]}; see {stack.run_dir}")
+            if statuses and all(status == "succeeded" for status in statuses):
                 pending.discard(template_id)
-            elif status in ("failed", "cancelled"):
-                raise RuntimeError(f"the warm-up of template {template_id} ended {status}; see {stack.run_dir}")
         time.sleep(POLL_INTERVAL_S)
 
 
@@ -899,7 +905,7 @@ def run_system(
         client = ApiClient(stack.url, stack.token)
         priming_png = next(iter(masks[config.mask_means[0]].values()))
         images = template_images(config.templates, config.size)
-        template_ids, loaded = prepare_stack(stack, client, images, params, priming_png)
+        template_ids, loaded = prepare_stack(stack, client, images, params, priming_png, config.warm_on)
         if capacity_rps is None:
             capacity_rps = calibrate(client, config, template_ids, params)
             logger.info("%s capacity: %.3f jobs/s", system.name, capacity_rps)
@@ -936,6 +942,7 @@ def environment(config: BenchConfig, runs: dict[str, SystemRun], started: float,
         "guidance": config.guidance,
         "seed": config.seed,
         "templates": f"{config.templates} from demo/photos (center-cropped, then mirrored copies)",
+        "templates_warmed_on": "every worker" if config.warm_on == "every" else "one worker each",
         "template_popularity": f"Zipf, exponent {config.zipf_exponent}",
         "mask_ratio_distribution": f"Beta with the set's mean, a + b = {config.beta_concentration}, stratified "
                                    f"quantiles clipped to [{min_mask_ratio(config.size):.3f}, {MAX_MASK_RATIO}]",
@@ -1011,7 +1018,8 @@ def markdown(rows: Sequence[Row], env: dict, headlines: Sequence[Headline]) -> s
         "fresh stack per system, at rates that are multiples of the baseline's capacity (measured by a burst of "
         f"{env['calibration_jobs']} jobs on the baseline stack). Every system and rate replays the same "
         f"{env['requests_per_rate']} requests per mask set, with arrival gaps scaled to the rate. Before the "
-        "timed trace the templates are uploaded and warmed (cache systems) and each worker completes one untimed "
+        "timed trace the templates are uploaded and warmed (cache systems; "
+        f"on {env.get('templates_warmed_on', 'one worker each')}) and each worker completes one untimed "
         "job, so model loading is not timed.",
         "",
         "Latency: the job's `finished_at` minus the client's clock at submission. Throughput: completed jobs / "
@@ -1161,6 +1169,8 @@ def customized(config: BenchConfig, args: argparse.Namespace) -> BenchConfig:
         if not 1 <= args.steps <= 50:
             raise SystemExit(f"--steps {args.steps} must be from 1 to 50.")
         changes["steps"] = args.steps
+    if args.warm_on is not None:
+        changes["warm_on"] = args.warm_on
     return dataclasses.replace(config, **changes)
 
 
@@ -1179,6 +1189,8 @@ def main() -> None:
                         help="Demo model preset (default 'demo'; 'bench' is large enough for the transformer to dominate).")
     parser.add_argument("--size", type=int, default=None, help="Working size in pixels, square (default 384).")
     parser.add_argument("--steps", type=int, default=None, help="Denoising steps per job (default 16).")
+    parser.add_argument("--warm-on", choices=("every", "one"), default=None,
+                        help="Warm each template on every worker (default) or on one worker.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "editor_site.settings")

@@ -88,7 +88,7 @@ class TemplateAdmin(admin.ModelAdmin):
         "name", "owner", "model", "thumbnail_detail", "size", "content_hash", "use_count", "cache_state",
         "cache_hits", "last_cache_hit", "created_at", "updated_at",
     ]
-    actions = ["warm_cache", "drop_cache"]
+    actions = ["warm_cache", "warm_cache_everywhere", "drop_cache"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         # Templates are uploaded through the API, which decodes, orients and measures the image.
@@ -193,6 +193,22 @@ class TemplateAdmin(admin.ModelAdmin):
             "Queued a cache warm-up for %(count)d template.", "Queued cache warm-ups for %(count)d templates.", count
         )
         self.message_user(request, message % {"count": count}, messages.SUCCESS)
+
+    @admin.action(description=gettext_lazy("Warm the cache of the selected templates on every live worker"))
+    def warm_cache_everywhere(self, request: HttpRequest, queryset: QuerySet[Template]) -> None:
+        queued = 0
+        for template in queryset:
+            try:
+                queued += len(warmups.request_warmups_on_every_worker(template, requested_by=request.user))
+            except warmups.NoLiveWorker as error:
+                message = _("No live worker serves model %(model)s; start a worker, then warm again.")
+                self.message_user(request, message % {"model": error.model}, messages.ERROR)
+                return
+        message = ngettext(
+            "Queued %(count)d cache warm-up on the live workers.", "Queued %(count)d cache warm-ups on the live workers.",
+            queued,
+        )
+        self.message_user(request, message % {"count": queued}, messages.SUCCESS)
 
     @admin.action(description=gettext_lazy("Drop the cache of the selected templates"))
     def drop_cache(self, request: HttpRequest, queryset: QuerySet[Template]) -> None:
@@ -317,8 +333,8 @@ class CacheWarmupAdmin(admin.ModelAdmin):
     list_select_related = ["template"]
     readonly_fields = [
         "template", "requested_by", "model", "seed", "steps", "guidance", "variant", "status", "progress", "cache_key",
-        "cache_bytes", "cache_tier", "worker", "timings_table", error_reason, "attempts", "created_at", "started_at",
-        "finished_at", "updated_at",
+        "cache_bytes", "cache_tier", "target_worker", "worker", "timings_table", error_reason, "attempts", "created_at",
+        "started_at", "finished_at", "updated_at",
     ]
     exclude = ["timings", "error", "error_code", "error_params"]
 

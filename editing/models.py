@@ -188,6 +188,9 @@ class CacheWarmup(models.Model):
     cache_bytes = models.BigIntegerField(_("cache size (bytes)"), null=True, blank=True)
     cache_tier = models.CharField(_("cache tier"), max_length=8, blank=True, choices=CacheTier.choices)
     worker = models.CharField(_("worker"), max_length=200, blank=True)
+    # Set when the warm-up was requested for one worker: it goes to that worker's own queue while the
+    # worker is live, so that worker's cache stores the entry. Empty: any worker of the model runs it.
+    target_worker = models.CharField(_("requested worker"), max_length=200, blank=True, default="")
     timings = models.JSONField(_("timings (ms)"), default=dict, blank=True)
     error = models.TextField(_("error"), blank=True)
     error_code = models.CharField(_("error code"), max_length=32, blank=True)

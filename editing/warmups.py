@@ -38,12 +38,14 @@ def request_warmup(
     steps: int | None = None,
     guidance: float | None = None,
     model: str | None = None,
+    worker: str = "",
 ) -> CacheWarmup:
     """Queue a warm-up for these parameters, or return the one already queued or running.
 
-    `model` defaults to the template's model, then to the deployment's default model.
+    `model` defaults to the template's model, then to the deployment's default model. With `worker` (a
+    hostname) the warm-up is sent to that worker's own queue, so its cache stores the entry.
     """
-    spec = catalog.get(model or template.model) or catalog.default_model()
+    spec = model_spec(template, model)
     params = {
         "seed": settings.EDITOR_DEFAULT_SEED if seed is None else seed,
         "steps": settings.EDITOR_DEFAULT_STEPS if steps is None else steps,
@@ -53,13 +55,56 @@ def request_warmup(
     }
     check_generation(seed=params["seed"], steps=params["steps"], guidance=params["guidance"])
     with transaction.atomic():
-        active = template.warmups.filter(status__in=[JobStatus.QUEUED, JobStatus.RUNNING], **params).first()
+        active = template.warmups.filter(
+            status__in=[JobStatus.QUEUED, JobStatus.RUNNING], target_worker=worker, **params
+        ).first()
         if active is not None:
             return active
-        warmup = CacheWarmup.objects.create(template=template, requested_by=requested_by, **params)
+        warmup = CacheWarmup.objects.create(
+            template=template, requested_by=requested_by, target_worker=worker, **params
+        )
         transaction.on_commit(lambda: enqueue_warmup(warmup))
-    logger.info("warm-up %s queued for template %s (%s)", warmup.pk, template.pk, params)
+    logger.info("warm-up %s queued for template %s on %s (%s)", warmup.pk, template.pk, worker or "any worker", params)
     return warmup
+
+
+class NoLiveWorker(Exception):
+    """No live worker serves the model, so there is no worker to warm."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(model)
+        self.model = model
+
+
+def request_warmups_on_every_worker(
+    template: Template,
+    *,
+    requested_by=None,
+    seed: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    model: str | None = None,
+) -> list[CacheWarmup]:
+    """Queue one warm-up per live worker that serves the model, each on that worker's own queue.
+
+    Every worker keeps its own cache, so with bucket routing a job reuses the entry only on a worker that
+    warmed the template. Raises NoLiveWorker when no live worker serves the model (or Redis is unreadable).
+    """
+    spec = model_spec(template, model)
+    hostnames = sorted(worker.hostname for worker in fleet.live_workers() or () if spec.name in worker.models)
+    if not hostnames:
+        raise NoLiveWorker(spec.name)
+    return [
+        request_warmup(
+            template, requested_by=requested_by, seed=seed, steps=steps, guidance=guidance, model=spec.name,
+            worker=hostname,
+        )
+        for hostname in hostnames
+    ]
+
+
+def model_spec(template: Template, model: str | None) -> catalog.ModelSpec:
+    return catalog.get(model or template.model) or catalog.default_model()
 
 
 def cache_variant(spec: catalog.ModelSpec) -> str:
@@ -69,11 +114,13 @@ def cache_variant(spec: catalog.ModelSpec) -> str:
 
 
 def enqueue_warmup(warmup: CacheWarmup, queue: str | None = None, countdown: float | None = None) -> None:
-    """Send the warm-up to its model's control queue (or `queue`); a broker failure leaves it queued.
+    """Send the warm-up to `queue`, else its requested worker's own queue, else its model's control queue.
 
-    With `countdown` the worker that receives the message waits that many seconds before running it.
+    A warm-up requested for a worker that is no longer live goes to the control queue, so another worker
+    runs it. A broker failure leaves it queued. With `countdown` the worker that receives the message waits
+    that many seconds before running it.
     """
-    queue = queue or control_queue(warmup.model or catalog.default_model().name)
+    queue = queue or requested_worker_queue(warmup) or control_queue(warmup.model or catalog.default_model().name)
     if not celery_app.conf.broker_url:
         logger.error("no broker is configured (set REDIS_URL); warm-up %s stays queued", warmup.pk)
         return
@@ -81,6 +128,20 @@ def enqueue_warmup(warmup: CacheWarmup, queue: str | None = None, countdown: flo
         celery_app.send_task(RUN_WARMUP_TASK, args=[warmup.pk], queue=queue, countdown=countdown)
     except Exception:  # noqa: BLE001 - any broker error; the row stays queued
         logger.exception("could not enqueue warm-up %s", warmup.pk)
+
+
+def requested_worker_queue(warmup: CacheWarmup) -> str | None:
+    """Return the own queue of the warm-up's requested worker while that worker is live (or Redis is unreadable)."""
+    if not warmup.target_worker:
+        return None
+    workers = fleet.live_workers()
+    if workers is not None and warmup.target_worker not in {worker.hostname for worker in workers}:
+        logger.warning(
+            "warm-up %s was requested for %s, which is not live; any worker of its model runs it",
+            warmup.pk, warmup.target_worker,
+        )
+        return None
+    return redis_keys.direct_queue(warmup.target_worker)
 
 
 def queued_jobs_to_yield_to(warmup: CacheWarmup) -> int:

@@ -25,7 +25,7 @@ import redis
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from editing import jobstate, reconciler, services
-from editing.models import EditJob, JobStatus
+from editing.models import CacheWarmup, EditJob, JobStatus
 from editor_site.celery import app as celery_app
 from editor_site.stack import free_loopback_port, redis_server_binary, wait_for_port, worker_command
 from tests.conftest import ROOT, png_bytes
@@ -271,6 +271,31 @@ def warm_workers(api_client_for, workers) -> None:
         if {"a", "b"} <= workers.warmed:
             return
     raise AssertionError(f"only workers {sorted(workers.warmed)} ran a job")
+
+
+# --- Warm-ups requested for every worker.
+
+
+def test_warm_all_runs_on_each_requested_worker(api_client_for, workers):
+    client = api_client_for("alice")
+    image = np.random.default_rng(11).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    template = client.post(
+        "/api/templates/", {"image": SimpleUploadedFile("t.png", png_bytes(image))}, format="multipart"
+    ).json()
+    response = client.post(f"/api/templates/{template['id']}/warm-all/", {"steps": 2}, format="json")
+    assert response.status_code == 202, response.content
+    requested = {row["target_worker"] for row in response.json()}
+    assert {workers.hostnames["a"], workers.hostnames["b"]} <= {name.split("@")[0] for name in requested}
+
+    deadline = time.monotonic() + FINAL_TIMEOUT_S
+    rows = CacheWarmup.objects.filter(template_id=template["id"])
+    while rows.filter(status__in=[JobStatus.QUEUED, JobStatus.RUNNING]).exists():
+        assert time.monotonic() < deadline, "the warm-ups did not finish"
+        time.sleep(0.2)
+    for row in rows:
+        assert row.status == JobStatus.SUCCEEDED, row.error
+        assert row.worker == row.target_worker
+    assert len({row.cache_key for row in rows}) == 1
 
 
 # --- Cancel in every state.

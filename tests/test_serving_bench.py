@@ -219,7 +219,7 @@ def test_report_files_have_the_required_keys(tmp_path) -> None:
 
 
 def options(**given: object) -> argparse.Namespace:
-    names = ("requests", "rates", "systems", "out_dir", "preset", "size", "steps")
+    names = ("requests", "rates", "systems", "out_dir", "preset", "size", "steps", "warm_on")
     return argparse.Namespace(**{name: given.get(name) for name in names})
 
 
@@ -227,6 +227,8 @@ def test_model_options_change_the_config() -> None:
     config = customized(full_config(), options(preset="bench", size=512, steps=8))
     assert (config.preset, config.size, config.steps) == ("bench", 512, 8)
     assert customized(full_config(), options()) == full_config()
+    assert full_config().warm_on == "every"
+    assert customized(full_config(), options(warm_on="one")).warm_on == "one"
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,7 @@ class WarmupSerializer(serializers.ModelSerializer):
         model = CacheWarmup
         fields = [
             "id", "template", "model", "status", "progress", "seed", "steps", "guidance", "variant", "cache_key",
-            "cache_bytes", "cache_tier", "worker", "timings", "error", "created_at", "finished_at", "dropped_at",
+            "cache_bytes", "cache_tier", "worker", "target_worker", "timings", "error", "created_at", "finished_at", "dropped_at",
         ]
         read_only_fields = fields
         extra_kwargs = {
@@ -105,6 +105,10 @@ class WarmupSerializer(serializers.ModelSerializer):
                 "default) a memory entry is on disk too and shows as disk after a restart."
             )},
             "dropped_at": {"help_text": "When the cache was dropped; jobs no longer use it. Null while it is valid."},
+            "target_worker": {"help_text": (
+                "The worker this warm-up was requested for (POST /api/templates/{id}/warm-all/), or empty when "
+                "any worker of the model may run it. `worker` is the one that ran it."
+            )},
         }
 
     error = serializers.CharField(source="error_text", read_only=True, help_text=ERROR_HELP)

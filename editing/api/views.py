@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 # Password attempts per client address on POST /api/token/.
 TOKEN_LOGIN_RATE = "10/min"
+WARMUP_LIST_LIMIT = 100
 
 
 def file_response(field_file, *, filename: str) -> FileResponse:
@@ -135,6 +136,38 @@ class TemplateViewSet(
         serializer.is_valid(raise_exception=True)
         warmup = warmups.request_warmup(template, requested_by=request.user, **serializer.validated_data)
         return Response(WarmupSerializer(warmup).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=WarmupRequestSerializer, responses={202: WarmupSerializer(many=True)})
+    @action(
+        detail=True, methods=["post"], url_path="warm-all", url_name="warm-all",
+        parser_classes=[MultiPartParser, FormParser, JSONParser],
+    )
+    def warm_all(self, request: Request, pk: str | None = None) -> Response:
+        """Queue one warm-up per live worker of the model, so every worker's own cache stores the template."""
+        template = self.get_object()
+        serializer = WarmupRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            queued = warmups.request_warmups_on_every_worker(
+                template, requested_by=request.user, **serializer.validated_data
+            )
+        except warmups.NoLiveWorker as error:
+            return Response(
+                {"detail": _(
+                    "No live worker serves model %(model)s, so no worker can be warmed now. Start a worker and "
+                    "try again, or use POST /api/templates/%(id)s/warm/, which waits for the next worker."
+                ) % {"model": error.model, "id": template.pk}},
+                status=status.HTTP_409_CONFLICT,
+            )
+        return Response(WarmupSerializer(queued, many=True).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(responses={200: WarmupSerializer(many=True)})
+    @action(detail=True, methods=["get"], url_path="warmups", url_name="warmups")
+    def warmup_list(self, request: Request, pk: str | None = None) -> Response:
+        """List this template's warm-ups, newest first (at most WARMUP_LIST_LIMIT), to follow each one."""
+        template = self.get_object()
+        rows = template.warmups.all()[:WARMUP_LIST_LIMIT]
+        return Response(WarmupSerializer(rows, many=True).data)
 
     @extend_schema(request=None, responses={200: OpenApiResponse(description="Number of dropped warm-ups")})
     @action(detail=True, methods=["delete"], url_path="cache", url_name="cache")

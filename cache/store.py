@@ -102,6 +102,8 @@ class ActivationStore:
         self._misses = 0
         self._disk_hits = 0
         self._evictions = 0
+        # Digests evicted from memory since `take_evicted_digests` last ran.
+        self._evicted_digests: set[str] = set()
 
     # Reads -----------------------------------------------------------------------------------
 
@@ -272,6 +274,13 @@ class ActivationStore:
         logger.warning("cache entry %s was not stored in any tier", key.short())
         return None
 
+    def take_evicted_digests(self) -> list[str]:
+        """Return the digests evicted from memory since the last call, and start a new list."""
+        with self._condition:
+            digests = sorted(self._evicted_digests)
+            self._evicted_digests.clear()
+        return digests
+
     def drop(self, key: CacheKey) -> bool:
         """Remove the key from every tier and return True if it was stored anywhere."""
         return self.drop_digest(key.digest())
@@ -350,6 +359,7 @@ class ActivationStore:
             for digest, _, _ in reservation.victims:
                 self._spilling.pop(digest, None)
                 self._evictions += 1
+                self._evicted_digests.add(digest)
             excess = reservation.held - reservation.size
             self._reserved -= excess
             reservation.held = reservation.size

@@ -214,8 +214,8 @@ class TemplateAdmin(admin.ModelAdmin):
     def drop_cache(self, request: HttpRequest, queryset: QuerySet[Template]) -> None:
         dropped = sum(warmups.drop_cache(template) for template in queryset)
         message = ngettext(
-            "Dropped %(count)d cached warm-up; workers discard it on next use.",
-            "Dropped %(count)d cached warm-ups; workers discard them on next use.",
+            "Dropped %(count)d cached warm-up; live workers remove its entry now, and others when they start.",
+            "Dropped %(count)d cached warm-ups; live workers remove their entries now, and others when they start.",
             dropped,
         )
         self.message_user(request, message % {"count": dropped}, messages.SUCCESS)

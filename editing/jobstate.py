@@ -134,10 +134,14 @@ def cancel_stale(job_id: uuid.UUID | str, silent_before: datetime) -> bool:
 
 
 @transaction.atomic
-def finish_cancelled(job_id: uuid.UUID | str) -> bool:
-    updated = EditJob.objects.filter(pk=job_id, status=JobStatus.RUNNING).update(
-        status=JobStatus.CANCELLED, finished_at=timezone.now(), updated_at=timezone.now()
-    )
+def finish_cancelled(job_id: uuid.UUID | str, *, timings: dict[str, float] | None = None) -> bool:
+    """End a running job as cancelled, keeping the `timings` of the phases it ran (when given)."""
+    fields: dict[str, object] = {
+        "status": JobStatus.CANCELLED, "finished_at": timezone.now(), "updated_at": timezone.now()
+    }
+    if timings:
+        fields["timings"] = timings
+    updated = EditJob.objects.filter(pk=job_id, status=JobStatus.RUNNING).update(**fields)
     if updated:
         _decrement_use_count(job_id)
     return updated == 1

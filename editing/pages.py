@@ -42,6 +42,8 @@ PHASE_LABELS = {
     "decode": gettext_lazy("decode"),
     "composite": gettext_lazy("composite"),
     "store": gettext_lazy("store"),
+    # A running job cancelled during its edit: the time from the edit's start to the step it stopped at.
+    "edit_until_cancel": gettext_lazy("edit until cancelled"),
 }
 
 

@@ -89,6 +89,29 @@ def test_reconcile_reports_held_tiers(small_store, make_user):
     assert small_store.tier_of_digest(also_in_memory) == "memory"
 
 
+def test_evictions_move_records_after_job(small_store, make_user, monkeypatch):
+    template = template_row(make_user())
+    first = put(small_store, 0)
+    rows = {
+        "first": warmup_row(template, first, tier="memory", seed=0),
+        "second": warmup_row(template, put(small_store, 1), tier="memory", seed=1),
+    }
+    assert residency.record_evictions(HOST) == {}
+
+    put(small_store, 2)  # evicts the least recently used entry, the first, to disk
+
+    assert residency.record_evictions(HOST) == {"disk": 1}
+    assert tier_of(rows["first"]) == "disk"
+    assert tier_of(rows["second"]) == "memory"
+    assert residency.record_evictions(HOST) == {}
+
+    # Without a disk tier an evicted entry is gone.
+    monkeypatch.setattr(small_store, "disk", None)
+    put(small_store, 3)
+    assert residency.record_evictions(HOST) == {"none": 1}
+    assert tier_of(rows["second"]) == "none"
+
+
 def test_reconcile_removes_dropped_entries(small_store, make_user):
     template = template_row(make_user())
     spilled = put(small_store, 0)
@@ -205,6 +228,27 @@ def test_drop_cache_sends_drops(sent_drops, make_user, django_capture_on_commit_
 
     assert sorted(sent_drops) == [("edit.direct.a@h", [make_key(0).digest()]),
                                   ("edit.direct.b@h", [make_key(0).digest()])]
+
+
+def test_admin_drop_reports_removal(sent_drops, admin_user, django_capture_on_commit_callbacks):
+    from django.contrib.admin.sites import site
+    from django.contrib.messages.storage.fallback import FallbackStorage
+    from django.test import RequestFactory
+
+    template = template_row(admin_user)
+    warmup_row(template, make_key(0).digest(), tier="memory")
+    request = RequestFactory().post("/admin/editing/template/")
+    request.user = admin_user
+    request.session = {}
+    request._messages = FallbackStorage(request)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        site._registry[Template].drop_cache(request, Template.objects.filter(pk=template.pk))
+
+    message = str(list(request._messages)[0])
+    assert "Dropped 1 cached warm-up" in message
+    assert "live workers remove its entry now" in message
+    assert len(sent_drops) == 2
 
 
 def test_delete_without_warmups_sends_nothing(sent_drops, make_user, django_capture_on_commit_callbacks):

@@ -330,6 +330,10 @@ def test_cancel_running_job_stores_nothing(api_client_for, workers, fault_media)
     assert not job.result
     assert result_files(fault_media) == before
     assert client.post(f"/api/jobs/{job.pk}/cancel/").status_code == 409
+    # The phases it ran are kept: its inputs were read and the edit ran until the cancel.
+    assert job.timings["load"] > 0
+    assert job.timings["edit_until_cancel"] > 0
+    assert "store" not in job.timings
 
 
 def test_cancel_finished_job_is_conflict(api_client_for, workers, fault_media):

@@ -24,7 +24,7 @@ from cache.keys import CacheKey
 from editing import catalog, imaging, jobstate, warmups
 from editing.failures import Failure, exception_failure
 from editing.models import CacheOutcome, CacheWarmup, EditJob, JobStatus
-from workers import caching, worker_state
+from workers import caching, residency, worker_state
 from workers.metrics_publisher import publish_metrics
 from workers.model_loading import get_model
 from workers.runner import EditRequest, JobCancelled, RunnerSettings, prepare_working_inputs, run_edit
@@ -219,6 +219,7 @@ def execute_job(
         finally:
             worker_state.finish_job(str(job.pk))
             worker_state.publish(worker)
+            residency.record_evictions(worker)
     except DatabaseError as error:
         # The connection dropped (or the database restarted) mid-job. Closing it lets the next attempt
         # reconnect, and the task re-sends the job as a takeover. If that fails too, the reconciler
@@ -247,8 +248,9 @@ def run_claimed_job(job: EditJob, *, worker: str, soft_time_limit_s: float | Non
             return
         timings["store"] = (time.perf_counter() - start) * 1000
     except JobCancelled:
-        jobstate.finish_cancelled(job.pk)
-        logger.info("job %s cancelled while running", job_id)
+        jobstate.finish_cancelled(job.pk, timings=timings)
+        phases = " ".join(f"{phase}={ms:.0f}ms" for phase, ms in timings.items())
+        logger.info("job %s cancelled while running (%s)", job_id, phases or "before its first phase ended")
         return
     except DatabaseError:
         raise
@@ -396,12 +398,17 @@ def run_job(
     request = EditRequest(
         image=image, mask=mask, prompt=job.prompt, seed=job.seed, steps=job.steps, guidance=job.guidance
     )
+    start = time.perf_counter()
     try:
         result = run_edit(
             model, request, on_step=edit_progress, settings=runner_settings, activations=activations,
             block_source=decision.streamed.source if decision.streamed else None,
             full_prefix_blocks=decision.full_prefix_blocks, keep_alive=edit_progress.keep_alive,
         )
+    except JobCancelled:
+        # The edit's own phases are not split up to the step it stopped at, so its time counts as one.
+        timings["edit_until_cancel"] = (time.perf_counter() - start) * 1000
+        raise
     finally:
         decision.close()
     timings.update(result.timings_ms)
@@ -480,6 +487,7 @@ def execute_warmup(warmup_id: int, *, worker: str) -> None:
     worker_state.remember_cache(model.name, key)
     publish_metrics(worker)
     worker_state.publish(worker)
+    residency.record_evictions(worker)
     warmups.succeed(
         warmup.pk, cache_key=outcome.key.digest(), cache_bytes=outcome.nbytes, tier=outcome.tier,
         timings=outcome.timings_ms,

@@ -191,6 +191,44 @@ def test_budget_and_batch_size_respected(pipe, cases) -> None:
     assert set(single.stats.batch_sizes) == {1}
 
 
+def test_step_samples_feed_cost_model(pipe, cases, tmp_path, monkeypatch) -> None:
+    from workers import batching, worker_state
+    from workers.cost_model import CostFit, CostModel
+
+    costs = CostModel(tmp_path / "flux.json", CostFit(0.0, 1.0))
+    monkeypatch.setattr(worker_state, "loaded_cost_models", lambda: {"flux": costs})
+    observed = []
+
+    def observe(sample) -> None:
+        observed.append(sample)
+        batching.record_step_cost("flux", sample)
+
+    engine = Engine(pipe, on_sample=observe)
+    first, second = cases[:2]
+    engine.submit(first.request())
+    engine.step()
+    engine.submit(second.request())
+    engine.run_until_idle()
+
+    assert observed == engine.stats.samples()
+    assert observed[0].tokens == first.request().num_tokens
+    assert observed[1].tokens == first.request().num_tokens + second.request().num_tokens
+    recorded = costs.step_samples()
+    assert [tokens for tokens, _ in recorded] == [float(sample.tokens) for sample in observed]
+    assert [seconds for _, seconds in recorded] == [sample.overhead_s + sample.compute_s for sample in observed]
+    assert costs.fit.step_samples == len(observed)
+
+
+def test_failing_observer_keeps_engine_running(pipe, cases) -> None:
+    def broken(_sample) -> None:
+        raise RuntimeError("observer failed")
+
+    engine = Engine(pipe, on_sample=broken)
+    handle = engine.submit(cases[0].request())
+    engine.run_until_idle()
+    assert relative_difference(handle.result(timeout=0), cases[0].expected) < TOLERANCE
+
+
 def test_submit_rejects_request_over_budget(pipe, cases) -> None:
     engine = Engine(pipe, token_budget=cases[0].request().num_tokens - 1)
 

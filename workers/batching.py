@@ -16,6 +16,7 @@ import torch
 from django.conf import settings
 
 from workers.engine import Engine, EngineRequest
+from workers.engine.stats import StepSample
 from workers.families.base import MaskedOutput, StepCallback
 from workers.masked.activations import BlockCacheSource, TemplateActivations
 from workers.masked.edit import denoise_and_decode
@@ -41,6 +42,7 @@ def get_engine(model: LoadedModel) -> Engine:
             engine = Engine(
                 model.pipe, token_budget=settings.EDITOR_ENGINE_TOKEN_BUDGET,
                 max_batch_size=settings.EDITOR_ENGINE_MAX_BATCH, pipeline_lock=model.lock,
+                on_sample=lambda sample, name=model.name: record_step_cost(name, sample),
             )
             engine.start()
             _engines[model.name] = engine
@@ -49,6 +51,19 @@ def get_engine(model: LoadedModel) -> Engine:
                 model.name, engine.max_batch_size, engine.token_budget,
             )
         return engine
+
+
+def record_step_cost(model_name: str, sample: StepSample) -> None:
+    """Add one engine step to the model's cost model: the tokens the step computed and its wall time.
+
+    A job's own average step time would also count the steps of requests that joined its batch later, so on
+    a batching worker the fit learns from whole engine steps instead.
+    """
+    from workers import worker_state  # imports the runner, which imports this module
+
+    costs = worker_state.loaded_cost_models().get(model_name)
+    if costs is not None:
+        costs.record_step(sample.tokens, sample.overhead_s + sample.compute_s)
 
 
 def engines() -> dict[str, Engine]:

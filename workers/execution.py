@@ -24,7 +24,7 @@ from cache.keys import CacheKey
 from editing import catalog, imaging, jobstate, warmups
 from editing.failures import Failure, exception_failure
 from editing.models import CacheOutcome, CacheWarmup, EditJob, JobStatus
-from workers import caching, residency, worker_state
+from workers import batching, caching, residency, worker_state
 from workers.metrics_publisher import publish_metrics
 from workers.model_loading import get_model
 from workers.runner import EditRequest, JobCancelled, RunnerSettings, prepare_working_inputs, run_edit
@@ -413,7 +413,11 @@ def run_job(
         decision.close()
     timings.update(result.timings_ms)
     caching.record_timings(model, decision, counts, steps=job.steps, timings_ms=result.timings_ms)
-    if decision.outcome != CacheOutcome.MISS_WARM_FIRST and result.timings_ms.get("denoise"):
+    # Masked steps in the batching engine feed the cost model per engine step (`batching.record_step_cost`).
+    in_engine = (
+        activations is not None and not decision.full_prefix_blocks and batching.batching_enabled(model)
+    )
+    if decision.outcome != CacheOutcome.MISS_WARM_FIRST and result.timings_ms.get("denoise") and not in_engine:
         costs.record_step(computed + shared, result.timings_ms["denoise"] / 1000 / job.steps)
     if decision.outcome == CacheOutcome.MISS_WARM_FIRST:
         worker_state.remember_cache(model.name, key)

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import torch
 from diffusers import FluxFillPipeline
@@ -41,7 +42,7 @@ class Engine:
 
     `token_budget` caps the text plus masked image tokens of the active requests in one pass. Drive it with
     `step()` / `run_until_idle()`, or with a background thread via `start()` / `stop()`. `pipeline_lock` is
-    held during every step.
+    held during every step. `on_sample` receives each step's measurements after the step, outside the lock.
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class Engine:
         token_budget: int = DEFAULT_TOKEN_BUDGET,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         pipeline_lock: threading.Lock | None = None,
+        on_sample: Callable[[StepSample], None] | None = None,
     ) -> None:
         if token_budget < 1 or max_batch_size < 1:
             raise ValueError(f"token_budget and max_batch_size must be >= 1, got {token_budget} and {max_batch_size}.")
@@ -58,6 +60,7 @@ class Engine:
         self.token_budget = token_budget
         self.max_batch_size = max_batch_size
         self.stats = EngineStats()
+        self.on_sample = on_sample
         self._waiting: deque[RequestHandle] = deque()
         self._active: list[RequestState] = []
         self._layout: BatchLayout | None = None
@@ -93,13 +96,24 @@ class Engine:
 
     def step(self) -> bool:
         """Run one engine step and return whether there was anything to run."""
+        sample = self._step()
+        if sample is None:
+            return False
+        if self.on_sample is not None:
+            try:
+                self.on_sample(sample)
+            except Exception:  # noqa: BLE001 - a failing observer must not stop the batch
+                logger.warning("the engine's step observer failed", exc_info=True)
+        return True
+
+    def _step(self) -> StepSample | None:
         with self._step_lock, torch.inference_mode():
             started = time.perf_counter()
             self._retire_cancelled()
             admitted = self._admit()
             if not self._active:
                 self._layout = None
-                return False
+                return None
             batch_size = len(self._active)
             tokens = sum(state.request.num_tokens for state in self._active)
             noise, compute_s = self._compute()
@@ -111,7 +125,7 @@ class Engine:
                 overhead_s=overhead_s, compute_s=compute_s, batch_size=batch_size, tokens=tokens, admitted=admitted
             )
             self.stats.record(sample)
-            return True
+            return sample
 
     def run_until_idle(self) -> int:
         """Run steps until no request is waiting or active, and return the number of steps run."""

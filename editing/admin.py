@@ -205,7 +205,8 @@ class TemplateAdmin(admin.ModelAdmin):
                 self.message_user(request, message % {"model": error.model}, messages.ERROR)
                 return
         message = ngettext(
-            "Queued %(count)d cache warm-up on the live workers.", "Queued %(count)d cache warm-ups on the live workers.",
+            "Queued %(count)d cache warm-up on the live workers.",
+            "Queued %(count)d cache warm-ups on the live workers.",
             queued,
         )
         self.message_user(request, message % {"count": queued}, messages.SUCCESS)

@@ -4,8 +4,8 @@ A `CacheWarmup` row names the worker that stored its entry and the tier the entr
 does not survive the process, while disk files do unless evicted, so a job process that starts under a
 worker's name updates the rows that name the worker to the tiers its store contains (`reconcile_tiers`).
 After each job and warm-up the rows of entries evicted from memory meanwhile move to `disk` or `none`
-(`record_evictions`). An operator's drop and the deletion of a template's last warm-up for a key send this worker the key digests
-to remove from both tiers (`drop_entries`, run by the `workers.tasks.drop_cache_entries` task).
+(`record_evictions`). An operator's drop and the deletion of a template's last warm-up for a key send this
+worker the key digests to remove from both tiers (`drop_entries`, run by the `workers.tasks.drop_cache_entries` task).
 
 NOTE: this assumes one job process per worker name, as the threads pool and prefork with concurrency 1
 (the stack's default) give. With more prefork children, each child has its own memory tier, and a child
@@ -83,8 +83,8 @@ def reconcile_tiers(hostname: str) -> dict[str, int]:
 def record_evictions(hostname: str) -> dict[str, int]:
     """Set the tier of the records naming `hostname` whose entries this process evicted from memory.
 
-    An evicted entry is on disk when the disk tier took it, else gone. Best effort: a database error is
-    logged and the records keep their tier until the next call or restart. Returns the records moved per tier.
+    An evicted entry is on disk when the disk tier took it, else gone. Best effort: after a database error,
+    which is logged, the records keep their tier until the worker restarts. Returns the records moved per tier.
     """
     from workers.template_cache import get_store
 
@@ -102,7 +102,9 @@ def record_evictions(hostname: str) -> dict[str, int]:
             if moved:
                 counts[tier] = counts.get(tier, 0) + moved
     except DatabaseError as error:
-        logger.warning("could not record the tiers of %d evicted cache entries of %s: %s", len(digests), hostname, error)
+        logger.warning(
+            "could not record the tiers of %d evicted cache entries of %s: %s", len(digests), hostname, error
+        )
         return counts
     if counts:
         logger.info("cache entries of %s evicted from memory: records moved %s", hostname, counts)

@@ -61,3 +61,29 @@ def test_calibration_times_real_steps(tmp_path: Path, test_model_path: Path):
     assert fitted.fit.step_samples == 2
     # More tokens never predict less time.
     assert fitted.fit.step_seconds(16 + 256) >= fitted.fit.step_seconds(16 + 64) > 0
+
+
+def test_each_worker_loads_its_own_persisted_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from types import SimpleNamespace
+
+    from workers import worker_state
+
+    monkeypatch.setenv("EDITOR_VAR_DIR", str(tmp_path))
+    monkeypatch.setattr(worker_state, "_cost_models", {})
+    calibrated = []
+    monkeypatch.setattr(worker_state, "_calibrate_into", lambda target, *args: calibrated.append(target.path))
+    fast = CostModel(worker_state.cost_model_path("w1@box", "flux"), CostFit(0.02, 0.001))
+    fast.save()
+    assert worker_state.cost_model_path("w1@box", "flux") != worker_state.cost_model_path("w2@box", "flux")
+    assert worker_state.cost_model_path("a/../b", "flux").parent.parent == tmp_path / "cost-model"
+
+    model = SimpleNamespace(name="flux")
+    mine = worker_state.cost_model(model, hostname="w1@box", text_tokens=16, max_sequence_length=16)
+    assert mine.fit.step_intercept_s == pytest.approx(0.02)
+    assert calibrated == []
+
+    # Another worker on the same machine starts from the prior and calibrates instead of taking w1's fit.
+    monkeypatch.setattr(worker_state, "_cost_models", {})
+    other = worker_state.cost_model(model, hostname="w2@box", text_tokens=16, max_sequence_length=16)
+    assert other.fit == worker_state.PRIOR_FIT
+    assert calibrated == [worker_state.cost_model_path("w2@box", "flux")]

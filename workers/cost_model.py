@@ -8,7 +8,7 @@ Both are straight-line least-squares fits over the most recent measurements:
 * load seconds = ``load_latency_s + load_s_per_mib * MiB`` for reading a cache entry from the disk tier.
 
 The fit starts from a calibration (stock runs of one and two steps at two sizes) or from the file a previous
-run persisted. It is refitted after every job and persisted to ``<EDITOR_VAR_DIR>/cost-model/<model>.json``.
+run persisted. It is refitted after every job and persisted to ``<EDITOR_VAR_DIR>/cost-model/<worker>/<model>.json``.
 The worker publishes it with its state and metrics, where the ``cost`` routing policy reads it.
 """
 

@@ -363,7 +363,7 @@ def run_job(
     prefetch_for_waiting_jobs(model, job, runner_settings)
     counts = caching.token_counts(model, inputs, runner_settings)
     costs = worker_state.cost_model(
-        model, text_tokens=counts.text, max_sequence_length=runner_settings.max_sequence_length
+        model, hostname=worker, text_tokens=counts.text, max_sequence_length=runner_settings.max_sequence_length
     )
     computed = counts.text + (counts.masked if decision.activations is not None else counts.image)
     if decision.outcome == CacheOutcome.HIT and tier_before == "disk":

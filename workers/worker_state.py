@@ -52,8 +52,18 @@ def warmup_residency_token(model: str, template_hash: str, steps: int, seed: int
     return f"{model}:{template_hash}:{steps}:{seed}:{float(guidance):g}"
 
 
-def cost_model(model: LoadedModel, *, text_tokens: int, max_sequence_length: int) -> CostModel:
-    """This process's cost model of `model`: the persisted one, else a prior that a calibration replaces.
+def cost_model_path(hostname: str, model_name: str) -> Path:
+    """Where the worker `hostname` persists its fit of `model_name`: one file per worker and model.
+
+    Workers on one machine share EDITOR_VAR_DIR but not their speed: each has its own cores, device and load.
+    """
+    var_dir = Path(os.environ.get("EDITOR_VAR_DIR") or DEFAULT_VAR_DIR)
+    folder = "".join(char if char.isalnum() or char in "-_@" else "_" for char in hostname) or "worker"
+    return var_dir / "cost-model" / folder / f"{model_name}.json"
+
+
+def cost_model(model: LoadedModel, *, hostname: str, text_tokens: int, max_sequence_length: int) -> CostModel:
+    """This process's cost model of `model`: the one `hostname` persisted, else a prior that a calibration replaces.
 
     The calibration runs on a background thread, so the job that requested the model is not delayed. Its
     own timings and those of later jobs refine whichever fit is current.
@@ -63,8 +73,7 @@ def cost_model(model: LoadedModel, *, text_tokens: int, max_sequence_length: int
         existing = _cost_models.get(model.name)
     if existing is not None:
         return existing
-    var_dir = Path(os.environ.get("EDITOR_VAR_DIR") or DEFAULT_VAR_DIR)
-    path = var_dir / "cost-model" / f"{model.name}.json"
+    path = cost_model_path(hostname, model.name)
     loaded = CostModel.load(path)
     if loaded is not None:
         logger.info("cost model of %s loaded from %s (%d step samples)", model.name, path, loaded.fit.step_samples)

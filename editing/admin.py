@@ -204,6 +204,10 @@ class TemplateAdmin(admin.ModelAdmin):
                 message = _("No live worker serves model %(model)s; start a worker, then warm again.")
                 self.message_user(request, message % {"model": error.model}, messages.ERROR)
                 return
+            except warmups.FleetUnreadable:
+                message = _("Could not read which workers are live: Redis did not answer. Try again in a few seconds.")
+                self.message_user(request, message, messages.ERROR)
+                return
         message = ngettext(
             "Queued %(count)d cache warm-up on the live workers.",
             "Queued %(count)d cache warm-ups on the live workers.",

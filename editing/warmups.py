@@ -76,6 +76,10 @@ class NoLiveWorker(Exception):
         self.model = model
 
 
+class FleetUnreadable(Exception):
+    """Redis did not answer, so which workers are live is unknown for now."""
+
+
 def request_warmups_on_every_worker(
     template: Template,
     *,
@@ -88,10 +92,14 @@ def request_warmups_on_every_worker(
     """Queue one warm-up per live worker that serves the model, each on that worker's own queue.
 
     Every worker keeps its own cache, so with bucket routing a job reuses the entry only on a worker that
-    warmed the template. Raises NoLiveWorker when no live worker serves the model (or Redis is unreadable).
+    warmed the template. Raises NoLiveWorker when no live worker serves the model, FleetUnreadable when Redis
+    cannot be read.
     """
     spec = model_spec(template, model)
-    hostnames = sorted(worker.hostname for worker in fleet.live_workers() or () if spec.name in worker.models)
+    workers = fleet.live_workers()
+    if workers is None:
+        raise FleetUnreadable()
+    hostnames = sorted(worker.hostname for worker in workers if spec.name in worker.models)
     if not hostnames:
         raise NoLiveWorker(spec.name)
     return [

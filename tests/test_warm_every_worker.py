@@ -74,7 +74,8 @@ def test_warm_all_queues_one_per_serving_worker(
     assert len(sent) == 2
 
 
-@pytest.mark.parametrize("workers", [(), (None,)], ids=["no-live-worker", "redis-unreadable"])
+@pytest.mark.parametrize("workers", [(), (fleet.WorkerState("a@host", ("some-other-model",), ()),)],
+                         ids=["no-live-worker", "other-model-only"])
 def test_warm_all_without_workers_is_409(api_client_for, media_root, fleet_of, workers):
     fleet_of(*workers)
     client = api_client_for("alice")
@@ -88,6 +89,21 @@ def test_warm_all_without_workers_is_409(api_client_for, media_root, fleet_of, w
 
     japanese = client.post(f"/api/templates/{template['id']}/warm-all/", {}, format="json", HTTP_ACCEPT_LANGUAGE="ja")
     assert japanese.status_code == 409
+    assert JAPANESE.search(japanese.json()["detail"])
+
+
+def test_warm_all_when_redis_is_unreadable_is_503(api_client_for, media_root, fleet_of):
+    fleet_of(None)
+    client = api_client_for("alice")
+    template = uploaded_template(client)
+    response = client.post(f"/api/templates/{template['id']}/warm-all/", {}, format="json", HTTP_ACCEPT_LANGUAGE="en")
+    assert response.status_code == 503
+    assert response["Retry-After"] == "5"
+    assert "Redis" in response.json()["detail"]
+    assert not CacheWarmup.objects.exists()
+
+    japanese = client.post(f"/api/templates/{template['id']}/warm-all/", {}, format="json", HTTP_ACCEPT_LANGUAGE="ja")
+    assert japanese.status_code == 503
     assert JAPANESE.search(japanese.json()["detail"])
 
 
@@ -138,6 +154,11 @@ def test_admin_action_warms_every_worker(admin_user, media_root, fleet_of, djang
     model_admin.warm_cache_everywhere(request, Template.objects.filter(pk=template.pk))
     error = list(request._messages)[-1]
     assert model_name() in str(error)
+    assert rows.count() == 2
+
+    fleet_of(None)
+    model_admin.warm_cache_everywhere(request, Template.objects.filter(pk=template.pk))
+    assert "Redis" in str(list(request._messages)[-1])
     assert rows.count() == 2
 
 

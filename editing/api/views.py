@@ -159,6 +159,14 @@ class TemplateViewSet(
                 ) % {"model": error.model, "id": template.pk}},
                 status=status.HTTP_409_CONFLICT,
             )
+        except warmups.FleetUnreadable:
+            return Response(
+                {"detail": _(
+                    "Could not read which workers are live: Redis did not answer. Nothing was queued; try again "
+                    "in a few seconds."
+                )},
+                status=status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "5"},
+            )
         return Response(WarmupSerializer(queued, many=True).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(responses={200: WarmupSerializer(many=True)})

@@ -10,8 +10,9 @@ For every live worker that serves the job's model, the predicted finish is
            its disk tier; text + all image tokens where it does not (the job runs in full and warms the cache)
 
 and the job goes to the worker's own queue with the smallest ``wait + run``. The prediction is added to
-that worker's backlog until the worker takes the job. Workers without a published cost model are skipped;
-with none left the caller falls back to the mask-ratio bucket queues.
+that worker's backlog until the worker takes the job. A worker that has published no fit for the model yet
+(it has run nothing since it started) is predicted with the median of the other workers' fits, so it is not
+passed over for good; when no worker has a fit, the caller falls back to the mask-ratio bucket queues.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -186,13 +188,33 @@ def forget_fleet_view() -> None:
         _snapshot = None
 
 
+FIT_FIELDS = ("step_intercept_s", "step_s_per_token", "load_latency_s", "load_s_per_mib", "text_tokens")
+
+
+def fleet_median_fit(views: list[WorkerView], model: str) -> dict | None:
+    """Return the median of each fit field over the workers that published a fit of `model`; None without one."""
+    fits = [(view.load.get("costs") or {}).get(model) for view in views]
+    fits = [fit for fit in fits if fit]
+    if not fits:
+        return None
+    return {
+        field: statistics.median(float(fit.get(field, 0.0)) for fit in fits)
+        for field in FIT_FIELDS
+    }
+
+
 def candidates(shape: JobShape) -> list[Candidate]:
     now = time.time()
     found = []
-    for view in fleet_view():
-        if shape.model not in view.models:
-            continue
-        prediction = predict(shape, view.load, view.backlog_s, now, view.backlog_jobs)
+    views = [view for view in fleet_view() if shape.model in view.models]
+    median_fit = fleet_median_fit(views, shape.model)
+    for view in views:
+        load = view.load
+        if not (load.get("costs") or {}).get(shape.model):
+            if median_fit is None:
+                continue
+            load = {**load, "costs": {**(load.get("costs") or {}), shape.model: median_fit}}
+        prediction = predict(shape, load, view.backlog_s, now, view.backlog_jobs)
         if prediction is not None:
             wait_s, run_s, tier = prediction
             found.append(Candidate(view.hostname, redis_keys.direct_queue(view.hostname), wait_s, run_s, tier))

@@ -162,6 +162,25 @@ def test_restarted_worker_loses_memory_residency(fleet_records):
     assert cache_tier_on(job, "w@h") == "memory"
 
 
+def test_worker_without_fit_is_predicted_with_the_fleet_median(fleet_records):
+    job = shape()
+    now = time.time()
+    slow = {**COST, "step_intercept_s": 0.03}
+    fleet_records("a@h", {**load(busy_in=60.0, now=now), "costs": {"flux": COST}})
+    fleet_records("b@h", {**load(busy_in=60.0, now=now), "costs": {"flux": slow}})
+    # c has warmed the template but has run no job since it started, so it has published no fit yet.
+    fleet_records("c@h", {**load(memory=[job.residency_token], now=now), "costs": {}})
+    found = {candidate.hostname: candidate for candidate in cost_routing.candidates(job)}
+    assert set(found) == {"a@h", "b@h", "c@h"}
+    assert found["c@h"].run_s == pytest.approx(10 * (0.02 + 0.001 * (128 + 102.4)))
+    assert cost_routing.choose(job).hostname == "c@h"
+
+    # With no fit anywhere there is nothing to predict from, and the caller uses the bucket queues.
+    for hostname in ("a@h", "b@h"):
+        fleet_records(hostname, {**load(now=now), "costs": {}})
+    assert cost_routing.choose(job) is None
+
+
 def test_choose_counts_backlog_and_returns_none_without_workers(fleet_records):
     assert cost_routing.choose(shape()) is None
     fleet_records("a@h", load())

@@ -67,3 +67,34 @@ def test_worker_sends_deferred_warmup_back(template, settings, monkeypatch):
     assert warmup.status == JobStatus.QUEUED
     assert warmup.attempts == 0
     assert sent == [(warmup.pk, 7)]
+
+
+def test_warmup_publishes_the_workers_cost_fit(template, redis_url, tmp_path, monkeypatch):
+    """A worker that has only warmed so far must still publish a fit, or the cost policy cannot weigh it."""
+    import json
+    from types import SimpleNamespace
+
+    from editor_site import redis_keys
+    from workers import caching, execution, worker_state
+
+    monkeypatch.setenv("EDITOR_VAR_DIR", str(tmp_path))
+    monkeypatch.setattr(worker_state, "_cost_models", {})
+    monkeypatch.setattr(worker_state, "_calibrate_into", lambda *args: None)
+    monkeypatch.setattr(execution, "close_old_connections", lambda: None)
+    model = SimpleNamespace(name="flux", pipe=None, family=SimpleNamespace(text_tokens=lambda pipe, length: 77))
+    monkeypatch.setattr(execution, "get_model", lambda name=None: model)
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stop after the cost model step")
+
+    monkeypatch.setattr(caching, "working_template", stop)
+    client = redis_keys.client()
+    client.delete(redis_keys.worker_load_key("w9@test"))
+    warmup = queued_warmup(template)
+
+    execution.execute_warmup(warmup.pk, worker="w9@test")
+
+    record = json.loads(client.get(redis_keys.worker_load_key("w9@test")))
+    client.delete(redis_keys.worker_load_key("w9@test"))
+    assert record["costs"]["flux"]["text_tokens"] == 77
+    assert record["costs"]["flux"]["step_s_per_token"] == worker_state.PRIOR_FIT.step_s_per_token

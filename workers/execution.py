@@ -329,6 +329,14 @@ def run_job_shrinking_on_oom(job: EditJob, timings: dict[str, float], *, worker:
         ) from error
 
 
+def worker_cost_model(model, worker: str, runner_settings: RunnerSettings):
+    """This worker's cost model of `model`: loaded or created (calibrating in the background) on first use."""
+    return worker_state.cost_model(
+        model, hostname=worker, text_tokens=model.family.text_tokens(model.pipe, runner_settings.max_sequence_length),
+        max_sequence_length=runner_settings.max_sequence_length,
+    )
+
+
 def run_job(
     job: EditJob, timings: dict[str, float], runner_settings: RunnerSettings | None = None, *, worker: str,
     deadline: float | None = None,
@@ -362,9 +370,7 @@ def run_job(
     timings["cache_lookup"] = (time.perf_counter() - start) * 1000
     prefetch_for_waiting_jobs(model, job, runner_settings)
     counts = caching.token_counts(model, inputs, runner_settings)
-    costs = worker_state.cost_model(
-        model, hostname=worker, text_tokens=counts.text, max_sequence_length=runner_settings.max_sequence_length
-    )
+    costs = worker_cost_model(model, worker, runner_settings)
     computed = counts.text + (counts.masked if decision.activations is not None else counts.image)
     if decision.outcome == CacheOutcome.HIT and tier_before == "disk":
         costs.record_load(get_store().disk.entry_nbytes_of(key) or 0, timings["cache_lookup"] / 1000)
@@ -466,6 +472,9 @@ def execute_warmup(warmup_id: int, *, worker: str) -> None:
         runner_settings = RunnerSettings.from_env()
         image = read_png(warmup.template.image)
         model = get_model(warmup.model or None)
+        # A worker that has only warmed so far still publishes a fit, so the cost policy can route to it.
+        worker_cost_model(model, worker, runner_settings)
+        worker_state.publish(worker)
         template = caching.working_template(model, image, runner_settings)
         key = caching.job_cache_key(
             model, template, template_hash=warmup.template.content_hash, steps=warmup.steps,

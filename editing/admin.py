@@ -205,7 +205,7 @@ class TemplateAdmin(admin.ModelAdmin):
                 self.message_user(request, message % {"model": error.model}, messages.ERROR)
                 return
             except warmups.FleetUnreadable:
-                message = _("Could not read which workers are live: Redis did not answer. Try again in a few seconds.")
+                message = _("Could not read which workers are live: Redis did not respond. Try again in a few seconds.")
                 self.message_user(request, message, messages.ERROR)
                 return
         message = ngettext(

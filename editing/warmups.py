@@ -77,7 +77,7 @@ class NoLiveWorker(Exception):
 
 
 class FleetUnreadable(Exception):
-    """Redis did not answer, so which workers are live is unknown for now."""
+    """Redis did not respond, so which workers are live is unknown for now."""
 
 
 def request_warmups_on_every_worker(

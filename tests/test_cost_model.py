@@ -63,7 +63,7 @@ def test_calibration_times_real_steps(tmp_path: Path, test_model_path: Path):
     assert fitted.fit.step_seconds(16 + 256) >= fitted.fit.step_seconds(16 + 64) > 0
 
 
-def test_each_worker_loads_its_own_persisted_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_worker_loads_own_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from types import SimpleNamespace
 
     from workers import worker_state

@@ -162,7 +162,7 @@ def test_restarted_worker_loses_memory_residency(fleet_records):
     assert cache_tier_on(job, "w@h") == "memory"
 
 
-def test_worker_without_fit_is_predicted_with_the_fleet_median(fleet_records):
+def test_unfitted_worker_gets_median_fit(fleet_records):
     job = shape()
     now = time.time()
     slow = {**COST, "step_intercept_s": 0.03}

@@ -92,7 +92,7 @@ def test_warm_all_without_workers_is_409(api_client_for, media_root, fleet_of, w
     assert JAPANESE.search(japanese.json()["detail"])
 
 
-def test_warm_all_when_redis_is_unreadable_is_503(api_client_for, media_root, fleet_of):
+def test_warm_all_redis_down_503(api_client_for, media_root, fleet_of):
     fleet_of(None)
     client = api_client_for("alice")
     template = uploaded_template(client)

@@ -69,7 +69,7 @@ def test_worker_sends_deferred_warmup_back(template, settings, monkeypatch):
     assert sent == [(warmup.pk, 7)]
 
 
-def test_warmup_publishes_the_workers_cost_fit(template, redis_url, tmp_path, monkeypatch):
+def test_warmup_publishes_cost_fit(template, redis_url, tmp_path, monkeypatch):
     """A worker that has only warmed so far must still publish a fit, or the cost policy cannot weigh it."""
     import json
     from types import SimpleNamespace

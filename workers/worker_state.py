@@ -53,7 +53,7 @@ def warmup_residency_token(model: str, template_hash: str, steps: int, seed: int
 
 
 def cost_model_path(hostname: str, model_name: str) -> Path:
-    """Where the worker `hostname` persists its fit of `model_name`: one file per worker and model.
+    """Return the file where the worker `hostname` persists its fit of `model_name`, one per worker and model.
 
     Workers on one machine share EDITOR_VAR_DIR but not their speed: each has its own cores, device and load.
     """

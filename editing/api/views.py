@@ -162,7 +162,7 @@ class TemplateViewSet(
         except warmups.FleetUnreadable:
             return Response(
                 {"detail": _(
-                    "Could not read which workers are live: Redis did not answer. Nothing was queued; try again "
+                    "Could not read which workers are live: Redis did not respond. Nothing was queued; try again "
                     "in a few seconds."
                 )},
                 status=status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "5"},

@@ -87,3 +87,77 @@ def test_worker_loads_own_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     other = worker_state.cost_model(model, hostname="w2@box", text_tokens=16, max_sequence_length=16)
     assert other.fit == worker_state.PRIOR_FIT
     assert calibrated == [worker_state.cost_model_path("w2@box", "flux")]
+
+
+def test_saves_are_spaced(tmp_path: Path):
+    path = tmp_path / "flux.json"
+    model = CostModel(path, CostFit(0.0, 0.01), save_interval_s=3600)
+    model.record_step(200, 0.25)
+    model.record_step(400, 0.45)
+
+    # The first sample is written at once; the next waits for the interval, while the fit already has it.
+    assert model.fit.step_samples == 2
+    assert CostModel.load(path).fit.step_samples == 1
+
+    model.save()
+    assert CostModel.load(path).fit.step_samples == 2
+    assert CostModel.load(path, save_interval_s=5.0).save_interval_s == 5.0
+
+
+def test_calibration_excludes_lock_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A warm-up holding the model while calibration waits must not count as step time."""
+    from types import SimpleNamespace
+
+    from workers import cost_model
+
+    clock = [0.0]
+    # Seconds each lock acquisition waits: the two-step run at the first size queues behind a warm-up.
+    waits = iter([0.0, 30.0, 0.0, 0.0, 0.0, 0.0])
+
+    class HeldLock:
+        def __enter__(self):
+            clock[0] += next(waits)
+
+        def __exit__(self, *exc):
+            return False
+
+    def stock_edit(pipe, image, mask, prompt, *, steps, **kwargs):
+        clock[0] += 0.5 + 0.001 * image.width * steps  # 0.5 s of set-up, then the steps
+
+    monkeypatch.setattr(cost_model, "time", SimpleNamespace(perf_counter=lambda: clock[0], time=lambda: 0.0,
+                                                            monotonic=lambda: 0.0))
+    model = SimpleNamespace(
+        name="fake", lock=HeldLock(), pipe=None, working_multiple=16, token_pixels=16,
+        family=SimpleNamespace(stock_edit=stock_edit),
+    )
+    fitted = calibrate(model, tmp_path / "c.json", text_tokens=16, max_sequence_length=16)
+    steps = dict(fitted.step_samples())
+    assert steps[16 + 64] == pytest.approx(0.128)
+    assert steps[16 + 256] == pytest.approx(0.256)
+
+
+def test_threads_share_one_calibration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import threading
+    from types import SimpleNamespace
+
+    from workers import worker_state
+
+    monkeypatch.setenv("EDITOR_VAR_DIR", str(tmp_path))
+    monkeypatch.setattr(worker_state, "_cost_models", {})
+    calibrations = []
+    monkeypatch.setattr(worker_state, "_calibrate_into", lambda target, *args: calibrations.append(target))
+    model = SimpleNamespace(name="flux")
+    start = threading.Barrier(4)
+    found = []
+
+    def first_job() -> None:
+        start.wait()
+        found.append(worker_state.cost_model(model, hostname="w1@box", text_tokens=16, max_sequence_length=16))
+
+    threads = [threading.Thread(target=first_job) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calibrations) == 1
+    assert all(costs is calibrations[0] for costs in found)

@@ -8,7 +8,8 @@ Both are straight-line least-squares fits over the most recent measurements:
 * load seconds = ``load_latency_s + load_s_per_mib * MiB`` for reading a cache entry from the disk tier.
 
 The fit starts from a calibration (stock runs of one and two steps at two sizes) or from the file a previous
-run persisted. It is refitted after every job and persisted to ``<EDITOR_VAR_DIR>/cost-model/<worker>/<model>.json``.
+run persisted. It is refitted after every job (on a batching worker, after every engine step) and persisted,
+at most every few seconds, to ``<EDITOR_VAR_DIR>/cost-model/<worker>/<model>.json``.
 The worker publishes it with its state and metrics, where the ``cost`` routing policy reads it.
 """
 
@@ -71,8 +72,11 @@ class CostModel:
     """Thread-safe, persisted fits for one served model on one worker."""
 
     def __init__(self, path: Path, fit: CostFit, *, steps: list[tuple[float, float]] | None = None,
-                 loads: list[tuple[float, float]] | None = None) -> None:
+                 loads: list[tuple[float, float]] | None = None, save_interval_s: float = 0.0) -> None:
+        """`save_interval_s` spaces the saves that new samples trigger; `save` itself always writes."""
         self.path = Path(path)
+        self.save_interval_s = save_interval_s
+        self._saved_at: float | None = None
         self._lock = threading.Lock()
         self._steps: deque[tuple[float, float]] = deque(steps or [], maxlen=MAX_SAMPLES)
         self._loads: deque[tuple[float, float]] = deque(loads or [], maxlen=MAX_SAMPLES)
@@ -93,7 +97,7 @@ class CostModel:
         with self._lock:
             self._steps.append((float(tokens), float(seconds_per_step)))
             self._refit()
-        self.save()
+        self._save_when_due()
 
     def record_load(self, nbytes: float, seconds: float) -> None:
         if nbytes <= 0 or seconds <= 0:
@@ -101,7 +105,7 @@ class CostModel:
         with self._lock:
             self._loads.append((float(nbytes) / 2**20, float(seconds)))
             self._refit()
-        self.save()
+        self._save_when_due()
 
     def _refit(self) -> None:
         fit = self._fit
@@ -113,8 +117,15 @@ class CostModel:
             fit = CostFit(fit.step_intercept_s, fit.step_s_per_token, latency, per_mib, fit.step_samples, len(self._loads))
         self._fit = fit
 
+    def _save_when_due(self) -> None:
+        with self._lock:
+            due = self._saved_at is None or time.monotonic() - self._saved_at >= self.save_interval_s
+        if due:
+            self.save()
+
     def save(self) -> None:
         with self._lock:
+            self._saved_at = time.monotonic()
             payload = {"fit": asdict(self._fit), "steps": list(self._steps), "loads": list(self._loads),
                        "saved_at": time.time()}
         try:
@@ -127,7 +138,7 @@ class CostModel:
             logger.warning("could not persist the cost model to %s", self.path, exc_info=True)
 
     @classmethod
-    def load(cls, path: Path) -> CostModel | None:
+    def load(cls, path: Path, *, save_interval_s: float = 0.0) -> CostModel | None:
         """Return the persisted model at `path`, or None when it is missing or unreadable."""
         try:
             payload = json.loads(Path(path).read_text())
@@ -136,7 +147,7 @@ class CostModel:
             loads = [tuple(sample) for sample in payload.get("loads", [])]
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        return cls(path, fit, steps=steps, loads=loads)  # type: ignore[arg-type]
+        return cls(path, fit, steps=steps, loads=loads, save_interval_s=save_interval_s)  # type: ignore[arg-type]
 
     def render_prometheus(self, model: str) -> str:
         fit = self.fit
@@ -160,11 +171,12 @@ def calibrate(model, path: Path, *, text_tokens: int, max_sequence_length: int) 
     def run(side: int, steps: int) -> float:
         image = Image.new("RGB", (side, side), (128, 128, 128))
         mask = Image.new("L", (side, side), 255)
-        start = time.perf_counter()
         with model.lock:
+            # Timed inside the lock: a warm-up or job holding the model must not count as step time.
+            start = time.perf_counter()
             family.stock_edit(pipe, image, mask, "", seed=0, steps=steps, guidance_scale=1.0,
                               max_sequence_length=max_sequence_length)
-        return time.perf_counter() - start
+            return time.perf_counter() - start
 
     samples = []
     for side in CALIBRATION_SIDES:

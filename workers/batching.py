@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
+_first_step_seen: set[str] = set()  # models whose engine's first step the cost model has skipped
 
 
 def batching_enabled(model: LoadedModel) -> bool:
@@ -57,9 +58,17 @@ def record_step_cost(model_name: str, sample: StepSample) -> None:
     """Add one engine step to the model's cost model: the tokens the step computed and its wall time.
 
     A job's own average step time would also count the steps of requests that joined its batch later, so on
-    a batching worker the fit learns from whole engine steps instead.
+    a batching worker the fit learns from whole engine steps instead. The process's first step is left out:
+    it also packs the weights and allocates buffers. One such step took 3.0 s against 1.8 s for the same
+    tokens later, and with few samples it tilted the fit so far that the router stopped using the worker.
     """
     from workers import worker_state  # imports the runner, which imports this module
+
+    with _lock:
+        first = model_name not in _first_step_seen
+        _first_step_seen.add(model_name)
+    if first:
+        return
 
     costs = worker_state.loaded_cost_models().get(model_name)
     if costs is not None:

@@ -12,7 +12,7 @@ For every live worker that serves the job's model, the predicted finish is
 and the job goes to the worker's own queue with the smallest ``wait + run``. The prediction is added to
 that worker's backlog until the worker takes the job. A worker that has published no fit for the model yet
 (it has run nothing since it started) is predicted with the median of the other workers' fits, so it is not
-passed over for good; when no worker has a fit, the caller falls back to the mask-ratio bucket queues.
+passed over for good. When no worker has a fit, the caller falls back to the mask-ratio bucket queues.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ FIT_FIELDS = ("step_intercept_s", "step_s_per_token", "load_latency_s", "load_s_
 
 
 def fleet_median_fit(views: list[WorkerView], model: str) -> dict | None:
-    """Return the median of each fit field over the workers that published a fit of `model`; None without one."""
+    """Return the median of each fit field over the workers that published a fit of `model`, or None if none did."""
     fits = [(view.load.get("costs") or {}).get(model) for view in views]
     fits = [fit for fit in fits if fit]
     if not fits:
@@ -207,10 +207,12 @@ def candidates(shape: JobShape) -> list[Candidate]:
     now = time.time()
     found = []
     views = [view for view in fleet_view() if shape.model in view.models]
-    median_fit = fleet_median_fit(views, shape.model)
-    for view in views:
+    fitted = [bool((view.load.get("costs") or {}).get(shape.model)) for view in views]
+    # Most decisions find every worker fitted, so the medians are computed only when one is not.
+    median_fit = None if all(fitted) else fleet_median_fit(views, shape.model)
+    for view, has_fit in zip(views, fitted):
         load = view.load
-        if not (load.get("costs") or {}).get(shape.model):
+        if not has_fit:
             if median_fit is None:
                 continue
             load = {**load, "costs": {**(load.get("costs") or {}), shape.model: median_fit}}

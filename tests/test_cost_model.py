@@ -95,7 +95,7 @@ def test_saves_are_spaced(tmp_path: Path):
     model.record_step(200, 0.25)
     model.record_step(400, 0.45)
 
-    # The first sample is written at once; the next waits for the interval, while the fit already has it.
+    # The first sample is written at once. The next waits for the interval, while the fit already contains it.
     assert model.fit.step_samples == 2
     assert CostModel.load(path).fit.step_samples == 1
 

@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
-_first_step_seen: set[str] = set()  # models whose engine's first step the cost model has skipped
+# Models whose first engine step in this process was left out of the cost model.
+_first_step_seen: set[str] = set()
 
 
 def batching_enabled(model: LoadedModel) -> bool:

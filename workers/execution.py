@@ -330,7 +330,7 @@ def run_job_shrinking_on_oom(job: EditJob, timings: dict[str, float], *, worker:
 
 
 def worker_cost_model(model, worker: str, runner_settings: RunnerSettings):
-    """This worker's cost model of `model`: loaded or created (calibrating in the background) on first use."""
+    """Return this worker's cost model of `model`, loaded or created (calibrating in the background) on first use."""
     return worker_state.cost_model(
         model, hostname=worker, text_tokens=model.family.text_tokens(model.pipe, runner_settings.max_sequence_length),
         max_sequence_length=runner_settings.max_sequence_length,

@@ -32,13 +32,14 @@ STATE_TTL_S = 600
 # Until the calibration or a first job has measured this worker: 0.1 ms per token per step plus 10 ms,
 # about a small model on a laptop CPU. Live timings replace it after one job.
 PRIOR_FIT = CostFit(step_intercept_s=0.01, step_s_per_token=1e-4)
-# A batching worker records a sample per engine step. Writing the file each time took 0.4 ms of the engine
-# thread's time between steps, so the fit is refitted at once and written at most this often.
+# A batching worker records a sample per engine step, and writing the file each time took 0.4 ms of the
+# engine thread. So each sample refits at once, and the file is written at most this often.
 COST_SAVE_INTERVAL_S = 5.0
 MAX_RESIDENT_TOKENS = 512
 
 _lock = threading.Lock()
-_create_lock = threading.Lock()  # held while a cost model is loaded or created, never inside `_lock`
+# Held while a cost model is loaded or created. `_lock` may be taken inside it, never the reverse.
+_create_lock = threading.Lock()
 _cost_models: dict[str, CostModel] = {}
 _text_tokens: dict[str, int] = {}  # model name -> text tokens per request, as its cost model counts them
 _known_keys: OrderedDict[str, str] = OrderedDict()  # residency token -> CacheKey.digest() of the entry
@@ -67,7 +68,7 @@ def cost_model_path(hostname: str, model_name: str) -> Path:
 
 
 def cost_model(model: LoadedModel, *, hostname: str, text_tokens: int, max_sequence_length: int) -> CostModel:
-    """This process's cost model of `model`: the one `hostname` persisted, else a prior that a calibration replaces.
+    """Return this process's cost model of `model`: the fit `hostname` persisted, else a prior to calibrate.
 
     The calibration runs on a background thread, so the job that requested the model is not delayed. Its
     own timings and those of later jobs refine whichever fit is current.

@@ -19,6 +19,15 @@ def test_fit_line_rejects_negative_slopes():
     assert slope > 0
 
 
+def test_fit_line_clamps_negative_intercept():
+    # Two calibration points whose line crosses zero below the origin: the fit goes through the origin.
+    intercept, slope = fit_line([400, 1200], [0.2, 1.4])
+    assert intercept == 0.0
+    assert slope == pytest.approx((400 * 0.2 + 1200 * 1.4) / (400**2 + 1200**2))
+    # A line with a positive fixed cost keeps it.
+    assert fit_line([400, 1200], [0.6, 1.4]) == (pytest.approx(0.2), pytest.approx(0.001))
+
+
 def test_model_refits_persists_and_reloads(tmp_path: Path):
     model = CostModel(tmp_path / "cost" / "flux.json", CostFit(0.0, 0.01))
     for tokens, seconds in ((200, 0.25), (400, 0.45), (800, 0.85)):

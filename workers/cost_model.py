@@ -54,7 +54,10 @@ class CostFit:
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares (intercept, slope) of ys over xs; through the origin when xs has one distinct value."""
+    """Least-squares (intercept, slope) of ys over xs, with intercept >= 0 and slope > 0.
+
+    Through the origin when xs has one distinct value or when the free line would cross zero below it.
+    """
     x = np.asarray(xs, dtype=np.float64)
     y = np.asarray(ys, dtype=np.float64)
     if len(x) == 0:
@@ -65,6 +68,10 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     if slope <= 0:
         # Noise on a few samples can tilt the line; a cost that falls with work is never right.
         return 0.0, float(y.sum() / x.sum())
+    if intercept < 0:
+        # A negative fixed cost is noise too, because two calibration points fit any line.
+        # Fit through the origin instead.
+        return 0.0, float((x * y).sum() / (x * x).sum())
     return float(intercept), float(slope)
 
 

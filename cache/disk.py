@@ -132,6 +132,8 @@ class DiskTier:
         self._entry_nbytes: dict[str, int] = {}  # digest -> tensor bytes, the file minus its header
         self._used = 0
         self._reserved = 0
+        # Digests whose files left to make room or as corrupt since `take_evicted_digests` last ran.
+        self._evicted: set[str] = set()
         self._writable = self._prepare_directory()
         self._update_gauges()
 
@@ -242,6 +244,7 @@ class DiskTier:
             fits = self._used + self._reserved + size <= self.budget_bytes
             if fits:
                 self._reserved += size
+            self._evicted.update(victim for victim in removed if victim != digest)
         for victim in removed:
             self._unlink(victim)
             if victim != digest:
@@ -286,7 +289,16 @@ class DiskTier:
         digest = key.digest()
         logger.warning("cache file for key %s is corrupt and was removed: %s", digest, reason)
         self.metrics.increment("editor_cache_corrupt_files_total")
-        self.remove(key)
+        if self.remove(key):
+            with self._lock:
+                self._evicted.add(digest)
+
+    def take_evicted_digests(self) -> list[str]:
+        """Return the digests whose files were evicted for room or discarded as corrupt since the last call."""
+        with self._lock:
+            digests = sorted(self._evicted)
+            self._evicted.clear()
+        return digests
 
     def remove(self, key: CacheKey) -> bool:
         return self.remove_digest(key.digest())

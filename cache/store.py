@@ -275,11 +275,13 @@ class ActivationStore:
         return None
 
     def take_evicted_digests(self) -> list[str]:
-        """Return the digests evicted from memory since the last call, and start a new list."""
+        """Return the digests evicted from memory or from disk since the last call, and start a new list."""
         with self._condition:
-            digests = sorted(self._evicted_digests)
+            digests = set(self._evicted_digests)
             self._evicted_digests.clear()
-        return digests
+        if self.disk is not None:
+            digests.update(self.disk.take_evicted_digests())
+        return sorted(digests)
 
     def drop(self, key: CacheKey) -> bool:
         """Remove the key from every tier and return True if it was stored anywhere."""

@@ -11,7 +11,9 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from cache.compression import encoded_nbytes_of
+from cache.compression import encode, encoded_nbytes_of
+from cache.disk import estimate_file_bytes
+from cache.entry import CacheEntry, EntryMeta
 from cache.testing import make_activations, make_key
 from editing import fleet, services, warmups
 from editing.models import CacheWarmup, JobStatus, Template
@@ -108,6 +110,32 @@ def test_evictions_move_records_after_job(small_store, make_user, monkeypatch):
     # Without a disk tier an evicted entry is gone.
     monkeypatch.setattr(small_store, "disk", None)
     put(small_store, 3)
+    assert residency.record_evictions(HOST) == {"none": 1}
+    assert tier_of(rows["second"]) == "none"
+
+
+def test_disk_evictions_move_records_after_job(small_store, make_user, monkeypatch):
+    template = template_row(make_user())
+    monkeypatch.setattr(small_store, "write_through", False)
+    first, second = put(small_store, 0), put(small_store, 1)
+    rows = {"first": warmup_row(template, first, tier="memory", seed=0),
+            "second": warmup_row(template, second, tier="memory", seed=1)}
+    put(small_store, 2)  # spills the first to disk
+    assert residency.record_evictions(HOST) == {"disk": 1}
+    # Room on disk for one file: the next spill (the second) evicts the first's file. A write reserves
+    # the file's upper bound, which is larger than the file it writes.
+    upper_bound = estimate_file_bytes(CacheEntry(encode(activations(1), "fp16"), EntryMeta(steps=2, blocks=2, codec="fp16", source_dtype="float32")))
+    monkeypatch.setattr(small_store.disk, "budget_bytes", small_store.disk.used_bytes + upper_bound - 1)
+
+    put(small_store, 3)
+
+    assert small_store.tier_of_digest(first) is None
+    assert residency.record_evictions(HOST) == {"disk": 1, "none": 1}
+    assert tier_of(rows["first"]) == "none"
+    assert tier_of(rows["second"]) == "disk"
+
+    # A file found corrupt on read is gone too.
+    small_store.disk.discard(make_key(1), "test damage")
     assert residency.record_evictions(HOST) == {"none": 1}
     assert tier_of(rows["second"]) == "none"
 

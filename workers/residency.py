@@ -3,7 +3,8 @@
 A `CacheWarmup` row names the worker that stored its entry and the tier the entry landed in. Host memory
 does not survive the process, while disk files do unless evicted, so a job process that starts under a
 worker's name updates the rows that name the worker to the tiers its store contains (`reconcile_tiers`).
-After each job and warm-up the rows of entries evicted from memory meanwhile move to `disk` or `none`
+After each job and warm-up the rows of entries evicted from memory meanwhile move to `disk` or `none`, and
+those of entries evicted from disk (for room or as corrupt files) to `memory` or `none`
 (`record_evictions`). An operator's drop and the deletion of a template's last warm-up for a key send this
 worker the key digests to remove from both tiers (`drop_entries`, run by the `workers.tasks.drop_cache_entries` task).
 
@@ -81,9 +82,10 @@ def reconcile_tiers(hostname: str) -> dict[str, int]:
 
 
 def record_evictions(hostname: str) -> dict[str, int]:
-    """Set the tier of the records naming `hostname` whose entries this process evicted from memory.
+    """Set the tier of the records naming `hostname` whose entries this process evicted from a tier.
 
-    An evicted entry is on disk when the disk tier took it, else gone. Best effort: after a database error,
+    An entry evicted from memory is on disk when the disk tier took it, else gone. One evicted from disk
+    is in memory when it is still resident there, else gone. Best effort: after a database error,
     which is logged, the records keep their tier until the worker restarts. Returns the records moved per tier.
     """
     from workers.template_cache import get_store
@@ -107,7 +109,7 @@ def record_evictions(hostname: str) -> dict[str, int]:
         )
         return counts
     if counts:
-        logger.info("cache entries of %s evicted from memory: records moved %s", hostname, counts)
+        logger.info("cache entries of %s evicted: records moved %s", hostname, counts)
     return counts
 
 

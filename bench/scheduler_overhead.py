@@ -1,6 +1,6 @@
 """The scheduler's own costs: batching-engine overhead per step and time per cost-routing decision.
 
-Run `python -m bench.scheduler_overhead` (writes docs/benchmarks/scheduler_overhead.{json,md}) or with
+Run `python -m bench.scheduler_overhead` (writes docs/benchmarks/scheduler_overhead.{json,md,png}) or with
 `--quick` (test model, fewer requests, writes under var/bench/).
 
 * Engine: the Flux demo model at 512x512 with 8 steps; batches of 1, 2, 4 and 8 masked requests (mask ratio
@@ -254,7 +254,49 @@ def write_reports(engine: list[EngineRow], routing: list[RoutingRow], environmen
             f"{row.ms_mean:.3f} |"
         )
     lines += ["", "Published figures for comparison: 1.2 ms per step and 0.6 ms per routing decision."]
+    lines += ["", "![Engine overhead per step and routing time per decision](scheduler_overhead.png)"]
     (out_dir / "scheduler_overhead.md").write_text("\n".join(lines) + "\n")
+    write_plot(engine, routing, out_dir / "scheduler_overhead.png")
+
+
+def write_plot(engine: list[EngineRow], routing: list[RoutingRow], path: Path) -> None:
+    """Engine overhead per step by batch size, and routing time per decision by worker count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (engine_axis, routing_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    positions = np.arange(len(engine))
+    engine_axis.bar(positions - 0.27, [row.overhead_ms_median for row in engine], 0.27, label="engine (median)")
+    engine_axis.bar(positions, [row.overhead_ms_p95 for row in engine], 0.27, label="engine (P95)")
+    engine_axis.bar(positions + 0.27, [row.observer_ms_median for row in engine], 0.27,
+                    label="cost-model update (median)")
+    engine_axis.axhline(1.2, color="grey", linestyle="--", label="published, 1.2 ms")
+    engine_axis.set_xticks(positions, [str(row.batch_size) for row in engine])
+    engine_axis.set_xlabel("requests in the batch")
+    engine_axis.set_ylabel("ms per step")
+    engine_axis.set_title("Engine overhead per step")
+    engine_axis.grid(alpha=0.3, axis="y")
+    engine_axis.legend(fontsize=8)
+    for refresh in sorted({row.refresh_s for row in routing}):
+        selected = sorted((row for row in routing if row.refresh_s == refresh), key=lambda row: row.workers)
+        routing_axis.plot([row.workers for row in selected], [row.ms_median for row in selected], marker="o",
+                          label=f"refresh {refresh:g} s (median)")
+    routing_axis.axhline(0.6, color="grey", linestyle="--", label="published, 0.6 ms")
+    routing_axis.set_xscale("log", base=2)
+    counts = sorted({row.workers for row in routing})
+    routing_axis.set_xticks(counts, [str(count) for count in counts])
+    routing_axis.minorticks_off()
+    routing_axis.set_yscale("log")
+    routing_axis.set_xlabel("live workers")
+    routing_axis.set_ylabel("ms per decision")
+    routing_axis.set_title("Cost routing")
+    routing_axis.grid(alpha=0.3, which="both")
+    routing_axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def main() -> None:

@@ -1132,7 +1132,7 @@ def write_plot(rows: Sequence[Row], path: Path) -> None:
 
 
 def customized(config: BenchConfig, args: argparse.Namespace) -> BenchConfig:
-    """Apply --requests, --rates, --systems and --out-dir; exit with a message naming a bad value."""
+    """Apply the command-line options to `config`; exit with a message naming a bad value."""
     changes: dict[str, object] = {}
     if args.requests is not None:
         if args.requests < 2:
@@ -1146,6 +1146,16 @@ def customized(config: BenchConfig, args: argparse.Namespace) -> BenchConfig:
         if not rates or min(rates) <= 0:
             raise SystemExit(f"--rates {args.rates!r} must be positive multiples of the baseline capacity.")
         changes["rate_multiples"] = rates
+    if args.mask_means:
+        try:
+            means = tuple(float(part) for part in args.mask_means.split(","))
+        except ValueError:
+            raise SystemExit(
+                f"--mask-means {args.mask_means!r} must be comma-separated numbers such as 0.11,0.19"
+            ) from None
+        if not all(0 < mean < MAX_MASK_RATIO for mean in means):
+            raise SystemExit(f"--mask-means {args.mask_means!r}: each mean must be above 0 and below {MAX_MASK_RATIO}.")
+        changes["mask_means"] = means
     if args.systems:
         names = tuple(part.strip() for part in args.systems.split(",") if part.strip())
         known = {system.name for system in SYSTEMS}
@@ -1183,6 +1193,9 @@ def main() -> None:
                         help="Requests per rate and mask set (default 30; longer traces reach steady-state queues).")
     parser.add_argument("--rates", default=None,
                         help="Comma-separated multiples of the baseline capacity (default 0.5,0.9,1.5,3,6).")
+    parser.add_argument("--mask-means", default=None,
+                        help="Comma-separated means of the mask-ratio distributions, one trace each "
+                             "(default 0.11,0.19).")
     parser.add_argument("--systems", default=None, help=f"Comma-separated systems (default all: {', '.join(s.name for s in SYSTEMS)}).")
     parser.add_argument("--out-dir", type=Path, default=None, help="Folder for serving.{json,md,png}.")
     parser.add_argument("--preset", default=None,

@@ -219,7 +219,7 @@ def test_report_files_have_the_required_keys(tmp_path) -> None:
 
 
 def options(**given: object) -> argparse.Namespace:
-    names = ("requests", "rates", "systems", "out_dir", "preset", "size", "steps", "warm_on")
+    names = ("requests", "rates", "mask_means", "systems", "out_dir", "preset", "size", "steps", "warm_on")
     return argparse.Namespace(**{name: given.get(name) for name in names})
 
 
@@ -229,6 +229,7 @@ def test_model_options_change_the_config() -> None:
     assert customized(full_config(), options()) == full_config()
     assert full_config().warm_on == "every"
     assert customized(full_config(), options(warm_on="one")).warm_on == "one"
+    assert customized(full_config(), options(mask_means="0.11")).mask_means == (0.11,)
 
 
 @pytest.mark.parametrize(
@@ -240,6 +241,8 @@ def test_model_options_change_the_config() -> None:
         ({"steps": 0}, "--steps 0"),
         ({"rates": "fast"}, "--rates 'fast'"),
         ({"systems": "masked"}, "--systems 'masked'"),
+        ({"mask_means": "small"}, "--mask-means 'small'"),
+        ({"mask_means": "0.11,0.9"}, "--mask-means '0.11,0.9'"),
     ],
 )
 def test_bad_options_exit_naming_the_value(given: dict, named: str) -> None:

@@ -440,6 +440,8 @@ def headline(rows: Sequence[Row], mask_mean: float) -> Headline:
     compared = sustained[-1] if sustained else base[0]
     other = full[compared.rate_multiple]
     base_max, full_max = max_throughput(base), max_throughput(list(full.values()))
+    # Where the baseline kept up at every rate, no rate reached its capacity, so the ratio is not measured.
+    throughput_ratio = float("nan") if all(r.kept_up for r in base) else round(full_max / base_max, 2)
     return Headline(
         mask_mean=mask_mean,
         compared_rate_rps=compared.rate_rps if sustained else None,
@@ -448,7 +450,7 @@ def headline(rows: Sequence[Row], mask_mean: float) -> Headline:
         latency_ratio=round(compared.mean_latency_s / other.mean_latency_s, 2),
         baseline_max_throughput_rps=base_max,
         full_max_throughput_rps=full_max,
-        throughput_ratio=round(full_max / base_max, 2),
+        throughput_ratio=throughput_ratio,
     )
 
 
@@ -992,6 +994,12 @@ def without_nan(record: dict) -> dict:
     return {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in record.items()}
 
 
+def throughput_verdict(ratio: float) -> str:
+    if math.isnan(ratio):
+        return "not measured (the baseline kept up at every rate)"
+    return f"{ratio:.2f}x ({'met' if ratio >= THROUGHPUT_TARGET else 'not met'})"
+
+
 def format_number(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -1049,8 +1057,7 @@ def markdown(rows: Sequence[Row], env: dict, headlines: Sequence[Headline]) -> s
             f"({'met' if item.latency_ratio >= LATENCY_TARGET else 'not met'}) | "
             f"{format_number(item.baseline_max_throughput_rps, 3)} / "
             f"{format_number(item.full_max_throughput_rps, 3)} | "
-            f"{format_number(item.throughput_ratio)}x "
-            f"({'met' if item.throughput_ratio >= THROUGHPUT_TARGET else 'not met'}) |"
+            f"{throughput_verdict(item.throughput_ratio)} |"
         )
     lines += [
         "",

@@ -20,6 +20,7 @@ from bench.serving import (
     draw_mask_ratios,
     full_config,
     headline,
+    markdown,
     make_row,
     make_trace,
     min_mask_ratio,
@@ -198,6 +199,16 @@ def test_headline_without_sustained_rate_uses_lowest() -> None:
     lowest = min((r for r in rows if r.system == BASELINE and r.mask_mean == 0.19), key=lambda r: r.rate_rps)
     assert result.compared_rate_rps is None
     assert result.baseline_latency_s == lowest.mean_latency_s
+
+
+def test_headline_without_overload_measures_no_throughput() -> None:
+    rows = [row for row in synthetic_rows() if row.rate_multiple <= 1.0]
+    result = headline(rows, 0.11)
+    assert math.isnan(result.throughput_ratio)
+    assert result.latency_ratio > 1
+    text = markdown(rows, {"command": "c", "calibration_jobs": 4, "requests_per_rate": 4, "drain_timeout_s": 60,
+                           "keep_up_rule": "r", "systems": {BASELINE: {}, FULL_SYSTEM: {}}}, [result])
+    assert "not measured (the baseline kept up at every rate)" in text
 
 
 def test_report_files_have_the_required_keys(tmp_path) -> None:

@@ -191,10 +191,14 @@ def forget_fleet_view() -> None:
 FIT_FIELDS = ("step_intercept_s", "step_s_per_token", "load_latency_s", "load_s_per_mib", "text_tokens")
 
 
-def fleet_median_fit(views: list[WorkerView], model: str) -> dict | None:
-    """Return the median of each fit field over the workers that published a fit of `model`, or None if none did."""
-    fits = [(view.load.get("costs") or {}).get(model) for view in views]
-    fits = [fit for fit in fits if fit]
+def published_fit(view: WorkerView, model: str) -> dict | None:
+    """Return the cost fit of `model` that the worker published in its load record, or None."""
+    return (view.load.get("costs") or {}).get(model) or None
+
+
+def fleet_median_fit(published: list[dict | None]) -> dict | None:
+    """Return the median of each fit field over the published fits, or None if no worker published one."""
+    fits = [fit for fit in published if fit]
     if not fits:
         return None
     return {
@@ -207,12 +211,12 @@ def candidates(shape: JobShape) -> list[Candidate]:
     now = time.time()
     found = []
     views = [view for view in fleet_view() if shape.model in view.models]
-    fitted = [bool((view.load.get("costs") or {}).get(shape.model)) for view in views]
+    fits = [published_fit(view, shape.model) for view in views]
     # Most decisions find every worker fitted, so the medians are computed only when one is not.
-    median_fit = None if all(fitted) else fleet_median_fit(views, shape.model)
-    for view, has_fit in zip(views, fitted):
+    median_fit = None if all(fits) else fleet_median_fit(fits)
+    for view, fit in zip(views, fits):
         load = view.load
-        if not has_fit:
+        if fit is None:
             if median_fit is None:
                 continue
             load = {**load, "costs": {**(load.get("costs") or {}), shape.model: median_fit}}

@@ -260,7 +260,7 @@ def write_reports(engine: list[EngineRow], routing: list[RoutingRow], environmen
 
 
 def write_plot(engine: list[EngineRow], routing: list[RoutingRow], path: Path) -> None:
-    """Engine overhead per step by batch size, and routing time per decision by worker count."""
+    """Plot the engine's overhead per step by batch size and the routing time per decision by worker count."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1158,10 +1158,12 @@ def customized(config: BenchConfig, args: argparse.Namespace) -> BenchConfig:
             means = tuple(float(part) for part in args.mask_means.split(","))
         except ValueError:
             raise SystemExit(
-                f"--mask-means {args.mask_means!r} must be comma-separated numbers such as 0.11,0.19"
+                f"--mask-means {args.mask_means!r} is invalid. Pass comma-separated numbers such as 0.11,0.19."
             ) from None
         if not all(0 < mean < MAX_MASK_RATIO for mean in means):
-            raise SystemExit(f"--mask-means {args.mask_means!r}: each mean must be above 0 and below {MAX_MASK_RATIO}.")
+            raise SystemExit(
+                f"--mask-means {args.mask_means!r} is invalid. Pass means above 0 and below {MAX_MASK_RATIO}."
+            )
         changes["mask_means"] = means
     if args.systems:
         names = tuple(part.strip() for part in args.systems.split(",") if part.strip())

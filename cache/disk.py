@@ -132,7 +132,7 @@ class DiskTier:
         self._entry_nbytes: dict[str, int] = {}  # digest -> tensor bytes, the file minus its header
         self._used = 0
         self._reserved = 0
-        # Digests whose files left to make room or as corrupt since `take_evicted_digests` last ran.
+        # Digests whose files were evicted for room or discarded as corrupt since `take_evicted_digests` last ran.
         self._evicted: set[str] = set()
         self._writable = self._prepare_directory()
         self._update_gauges()

@@ -120,11 +120,12 @@ def test_disk_evictions_move_records_after_job(small_store, make_user, monkeypat
     first, second = put(small_store, 0), put(small_store, 1)
     rows = {"first": warmup_row(template, first, tier="memory", seed=0),
             "second": warmup_row(template, second, tier="memory", seed=1)}
-    put(small_store, 2)  # spills the first to disk
+    put(small_store, 2)  # spills the first entry to disk
     assert residency.record_evictions(HOST) == {"disk": 1}
     # Room on disk for one file: the next spill (the second) evicts the first's file. A write reserves
     # the file's upper bound, which is larger than the file it writes.
-    upper_bound = estimate_file_bytes(CacheEntry(encode(activations(1), "fp16"), EntryMeta(steps=2, blocks=2, codec="fp16", source_dtype="float32")))
+    meta = EntryMeta(steps=2, blocks=2, codec="fp16", source_dtype="float32")
+    upper_bound = estimate_file_bytes(CacheEntry(encode(activations(1), "fp16"), meta))
     monkeypatch.setattr(small_store.disk, "budget_bytes", small_store.disk.used_bytes + upper_bound - 1)
 
     put(small_store, 3)

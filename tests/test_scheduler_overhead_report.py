@@ -26,7 +26,8 @@ def test_report_writes_json_markdown_and_plot(tmp_path: Path) -> None:
 
     payload = json.loads((tmp_path / "scheduler_overhead.json").read_text())
     assert [row["batch_size"] for row in payload["engine"]] == [1, 4]
-    assert [(row["workers"], row["refresh_s"]) for row in payload["routing"]] == [(2, 0.0), (8, 0.0), (2, 0.25), (8, 0.25)]
+    routing_keys = [(row["workers"], row["refresh_s"]) for row in payload["routing"]]
+    assert routing_keys == [(2, 0.0), (8, 0.0), (2, 0.25), (8, 0.25)]
     markdown = (tmp_path / "scheduler_overhead.md").read_text()
     assert "| 4 | 8 | 0.350 | 0.970 | 41.5 | 0.85% | 0.121 | 0.36 | 0.39 | 1.08 |" in markdown
     assert "| 8 | 0.25 | 10 | 0.049 |" in markdown

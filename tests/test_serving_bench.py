@@ -201,7 +201,7 @@ def test_headline_without_sustained_rate_uses_lowest() -> None:
     assert result.baseline_latency_s == lowest.mean_latency_s
 
 
-def test_headline_without_overload_measures_no_throughput() -> None:
+def test_headline_without_overload_skips_throughput() -> None:
     rows = [row for row in synthetic_rows() if row.rate_multiple <= 1.0]
     result = headline(rows, 0.11)
     assert math.isnan(result.throughput_ratio)

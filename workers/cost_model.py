@@ -54,7 +54,7 @@ class CostFit:
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares (intercept, slope) of ys over xs, with intercept >= 0 and slope > 0.
+    """Return the least-squares (intercept, slope) of ys over xs, with intercept >= 0 and slope > 0.
 
     Through the origin when xs has one distinct value or when the free line would cross zero below it.
     """

@@ -151,3 +151,45 @@ def test_loader_rejects_cuda_without_device() -> None:
         pytest.skip("CUDA present; the CPU-only error path does not apply")
     with pytest.raises(ValueError, match="CUDA is not available"):
         BlockLoader(MemoryBlockSource(memory_entry()), ORDER, device="cuda")
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def coded_entry(codec: str) -> CacheEntry:
+    meta = EntryMeta(steps=STEPS, blocks=BLOCKS, codec=codec, source_dtype="float32")
+    return CacheEntry(encode(activations(), codec), meta)
+
+
+@needs_cuda
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16", "int8"])
+def test_loader_cuda_matches_cpu(codec: str) -> None:
+    with BlockLoader(MemoryBlockSource(coded_entry(codec)), ORDER, depth=2) as loader:
+        on_cpu = {(step, block): loader.get(step, block).tensors for step, block in ORDER}
+
+    with BlockLoader(MemoryBlockSource(coded_entry(codec)), ORDER, device="cuda", depth=2) as loader:
+        for step, block in ORDER:
+            loaded = loader.get(step, block)
+            for name, tensor in loaded.tensors.items():
+                assert tensor.device.type == "cuda"
+                # Compute on the current stream right away: it must see the finished copy.
+                torch.testing.assert_close((tensor * 1).cpu(), on_cpu[(step, block)][name], rtol=1e-6, atol=0)
+
+
+@needs_cuda
+def test_loader_cuda_streams_from_disk(tmp_path: Path) -> None:
+    store = disk_store(tmp_path)
+    key = make_key(7)
+    assert store.put_tensors(key, activations(), steps=STEPS, blocks=BLOCKS) == "disk"
+    source = open_block_source(store, key)
+    assert isinstance(source, DiskBlockSource)
+    with BlockLoader(source, ORDER, depth=3) as loader:
+        on_cpu = {(step, block): loader.get(step, block).tensors for step, block in ORDER}
+
+    source = open_block_source(store, key)
+    assert isinstance(source, DiskBlockSource)
+    with BlockLoader(source, ORDER, device="cuda", depth=3) as loader:
+        for step, block in ORDER:
+            for name, tensor in loader.get(step, block).tensors.items():
+                assert tensor.device.type == "cuda"
+                torch.testing.assert_close((tensor * 1).cpu(), on_cpu[(step, block)][name], rtol=1e-6, atol=0)

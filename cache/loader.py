@@ -293,7 +293,7 @@ class BlockLoader:
 
     def _load_cuda(self, step: int, block: int, encoded: dict[str, torch.Tensor], index: int) -> _Ready:
         # A ring of depth + 1 pinned slots: slot i is reused only after its previous copy finished.
-        # NOTE: this path needs a CUDA device; its tests in tests/test_cache_loader.py skip without one.
+        # NOTE: this path needs a CUDA device, so its tests in tests/test_cache_loader.py skip without one.
         slot_index = index % (self.depth + 1)
         while len(self._pinned_slots) <= slot_index:
             self._pinned_slots.append(({}, None))

@@ -1,5 +1,5 @@
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -8,7 +8,14 @@ import torch
 from cache.compression import encode
 from cache.disk import DiskTier
 from cache.entry import CacheEntry, EntryMeta
-from cache.loader import BlockLoader, CacheLoadError, DiskBlockSource, MemoryBlockSource, open_block_source
+from cache.loader import (
+    BlockLoader,
+    CacheLoadError,
+    DiskBlockSource,
+    EncodedBlockSource,
+    MemoryBlockSource,
+    open_block_source,
+)
 from cache.policies import LruPolicy
 from cache.store import ActivationStore
 from cache.testing import make_activations, make_key
@@ -21,9 +28,9 @@ def activations() -> dict[str, torch.Tensor]:
     return make_activations(steps=STEPS, blocks=BLOCKS, tokens=8, channels=16, seed=5)
 
 
-def memory_entry() -> CacheEntry:
-    meta = EntryMeta(steps=STEPS, blocks=BLOCKS, codec="fp32", source_dtype="float32")
-    return CacheEntry(encode(activations(), "fp32"), meta)
+def memory_entry(codec: str = "fp32") -> CacheEntry:
+    meta = EntryMeta(steps=STEPS, blocks=BLOCKS, codec=codec, source_dtype="float32")
+    return CacheEntry(encode(activations(), codec), meta)
 
 
 def test_loader_delivers_blocks_in_order() -> None:
@@ -156,24 +163,22 @@ def test_loader_rejects_cuda_without_device() -> None:
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def coded_entry(codec: str) -> CacheEntry:
-    meta = EntryMeta(steps=STEPS, blocks=BLOCKS, codec=codec, source_dtype="float32")
-    return CacheEntry(encode(activations(), codec), meta)
+def assert_cuda_matches_cpu(open_source: Callable[[], EncodedBlockSource], depth: int) -> None:
+    with BlockLoader(open_source(), ORDER, depth=depth) as loader:
+        on_cpu = {(step, block): loader.get(step, block).tensors for step, block in ORDER}
+
+    with BlockLoader(open_source(), ORDER, device="cuda", depth=depth) as loader:
+        for step, block in ORDER:
+            for name, tensor in loader.get(step, block).tensors.items():
+                assert tensor.device.type == "cuda"
+                # Compute on the current stream right away: it must see the finished copy.
+                torch.testing.assert_close((tensor * 1).cpu(), on_cpu[(step, block)][name], rtol=1e-6, atol=0)
 
 
 @needs_cuda
 @pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16", "int8"])
 def test_loader_cuda_matches_cpu(codec: str) -> None:
-    with BlockLoader(MemoryBlockSource(coded_entry(codec)), ORDER, depth=2) as loader:
-        on_cpu = {(step, block): loader.get(step, block).tensors for step, block in ORDER}
-
-    with BlockLoader(MemoryBlockSource(coded_entry(codec)), ORDER, device="cuda", depth=2) as loader:
-        for step, block in ORDER:
-            loaded = loader.get(step, block)
-            for name, tensor in loaded.tensors.items():
-                assert tensor.device.type == "cuda"
-                # Compute on the current stream right away: it must see the finished copy.
-                torch.testing.assert_close((tensor * 1).cpu(), on_cpu[(step, block)][name], rtol=1e-6, atol=0)
+    assert_cuda_matches_cpu(lambda: MemoryBlockSource(memory_entry(codec)), depth=2)
 
 
 @needs_cuda
@@ -181,15 +186,10 @@ def test_loader_cuda_streams_from_disk(tmp_path: Path) -> None:
     store = disk_store(tmp_path)
     key = make_key(7)
     assert store.put_tensors(key, activations(), steps=STEPS, blocks=BLOCKS) == "disk"
-    source = open_block_source(store, key)
-    assert isinstance(source, DiskBlockSource)
-    with BlockLoader(source, ORDER, depth=3) as loader:
-        on_cpu = {(step, block): loader.get(step, block).tensors for step, block in ORDER}
 
-    source = open_block_source(store, key)
-    assert isinstance(source, DiskBlockSource)
-    with BlockLoader(source, ORDER, device="cuda", depth=3) as loader:
-        for step, block in ORDER:
-            for name, tensor in loader.get(step, block).tensors.items():
-                assert tensor.device.type == "cuda"
-                torch.testing.assert_close((tensor * 1).cpu(), on_cpu[(step, block)][name], rtol=1e-6, atol=0)
+    def open_disk() -> EncodedBlockSource:
+        source = open_block_source(store, key)
+        assert isinstance(source, DiskBlockSource)
+        return source
+
+    assert_cuda_matches_cpu(open_disk, depth=3)
